@@ -1,0 +1,1 @@
+"""Metergate admin app: Stripe subscriptions, webhooks, billing API."""

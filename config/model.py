@@ -1,0 +1,127 @@
+"""Typed, frozen business configuration decoded from gateway.toml.
+
+Everything here is what backend teams edit: tiers, routes, upstreams, auth rules and
+gateway limits. Deployment settings (addresses, secrets, Redis URL) live in
+``config.settings`` and come from the environment.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosInt = Annotated[int, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
+
+
+class _Frozen(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Tier(_Frozen, frozen=True):
+    """A subscription tier: what it costs and how many units it includes."""
+
+    monthly_price_usd: Decimal
+    included_units: NonNegInt
+    # None means no overage: the tier stops hard at its included units.
+    overage_unit_price_usd: Decimal | None = None
+    # A spend limit: at most this many overage units per period (None: unlimited).
+    max_overage_units: NonNegInt | None = None
+    # Requests per second with a burst (GCRA); 0 disables the rate limit.
+    requests_per_second: NonNegFloat = 0.0
+    burst: PosInt = 1
+
+    @property
+    def allows_overage(self) -> bool:
+        return self.overage_unit_price_usd is not None and self.overage_unit_price_usd > 0
+
+
+class Upstream(_Frozen, frozen=True):
+    url: str
+    # The admin app verifies the JWT itself, so its upstream keeps Authorization.
+    forward_authorization: bool = False
+    timeout_seconds: PosFloat = 30.0
+    connect_timeout_seconds: PosFloat = 2.0
+    max_connections: PosInt = 256
+
+
+class Route(_Frozen, frozen=True):
+    path: str
+    methods: tuple[Method, ...] = ("GET",)
+    cost: NonNegInt = 0
+    upstream: str = "default"
+    # A public route needs no token (pricing, Stripe's webhook); it must cost 0.
+    public: bool = False
+    # Only these tiers may call the route (None: every tier); others get 403.
+    tiers: tuple[str, ...] | None = None
+
+
+class Auth(_Frozen, frozen=True):
+    algorithms: tuple[Algorithm, ...] = ("HS256",)
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_seconds: NonNegInt = 30
+    # For RS*/ES*/PS*: a PEM public key file, or a JWKS URL (not both).
+    public_key_file: str | None = None
+    jwks_url: str | None = None
+    jwks_refresh_cooldown_seconds: NonNegFloat = 300.0
+    jwks_cache_seconds: PosFloat = 3600.0
+    token_cache_size: NonNegInt = 10_000
+
+
+class Billing(_Frozen, frozen=True):
+    # A past_due subscription keeps its paid tier this long after the first failed payment.
+    past_due_grace_seconds: NonNegInt = 3 * 24 * 3600
+    # Per-day per-route analytics are kept this long.
+    daily_usage_ttl_seconds: PosInt = 40 * 24 * 3600
+
+
+class Metering(_Frozen, frozen=True):
+    enabled: bool = True
+    # Upstream statuses that mean "the backend could not answer": the charge is refunded.
+    refund_statuses: tuple[int, ...] = (502, 503, 504)
+    # When Redis is unreachable: False answers 503 (fail closed); True lets requests
+    # through and counts them for reconciliation.
+    fail_open: bool = False
+    redis_timeout_seconds: PosFloat = 0.5
+    # Pipeline the charges of one event-loop iteration into one Redis write.
+    coalesce: bool = True
+
+
+class Limits(_Frozen, frozen=True):
+    max_request_body_bytes: NonNegInt = 10 * 1024 * 1024
+    max_header_bytes: PosInt = 8190
+    max_line_bytes: PosInt = 8190
+
+
+class GatewaySection(_Frozen, frozen=True):
+    listen: str = "127.0.0.1:8080"
+    # 0 means one worker process per CPU.
+    workers: NonNegInt = 1
+    access_log: bool = False
+
+
+class AdminSection(_Frozen, frozen=True):
+    listen: str = "127.0.0.1:8081"
+
+
+class Config(_Frozen, frozen=True):
+    gateway: GatewaySection = GatewaySection()
+    admin: AdminSection = AdminSection()
+    auth: Auth = Auth()
+    metering: Metering = Metering()
+    billing: Billing = Billing()
+    limits: Limits = Limits()
+    upstreams: dict[str, Upstream] = {}
+    tiers: dict[str, Tier] = {}
+    routes: tuple[Route, ...] = ()
+
+    @property
+    def free_tier(self) -> Tier:
+        return self.tiers["free"]

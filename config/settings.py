@@ -1,0 +1,77 @@
+"""Deployment settings: where things listen and connect, and the secrets.
+
+They come from the environment (twelve-factor), never from gateway.toml, and override
+the file's defaults for listen addresses and worker count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from config.load import ConfigError, check_url, load_config, parse_listen
+from config.model import Config
+
+# Used only when METERGATE_JWT_SECRET is unset; every entry point says so loudly.
+DEV_JWT_SECRET = "metergate-dev-secret-not-for-production"
+DEFAULT_CONFIG_PATH = "gateway.toml"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    config_path: str
+    config: Config
+    redis_url: str | None
+    jwt_secret: str
+    dev_secret: bool
+    gateway_host: str
+    gateway_port: int
+    admin_host: str
+    admin_port: int
+    workers: int
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read the environment and the config file it names; raise ConfigError in one line."""
+    env = os.environ if env is None else env
+    path = env.get("METERGATE_CONFIG") or DEFAULT_CONFIG_PATH
+    upstream = env.get("METERGATE_UPSTREAM_URL") or None
+    if upstream is not None:
+        check_url(upstream, "METERGATE_UPSTREAM_URL")
+    config = load_config(Path(path), default_upstream_url=upstream)
+
+    def listen(var: str, default: str) -> tuple[str, int]:
+        try:
+            return parse_listen(env.get(var) or default)
+        except ValueError as exc:
+            raise ConfigError(f"{var}: {exc}") from None
+
+    gw_host, gw_port = listen("METERGATE_GATEWAY_LISTEN", config.gateway.listen)
+    ad_host, ad_port = listen("METERGATE_ADMIN_LISTEN", config.admin.listen)
+    workers_raw = env.get("METERGATE_GATEWAY_WORKERS")
+    if workers_raw:
+        if not workers_raw.isdigit():
+            raise ConfigError(f"METERGATE_GATEWAY_WORKERS: {workers_raw!r} is not a number >= 0")
+        workers = int(workers_raw)
+    else:
+        workers = config.gateway.workers
+    if workers == 0:
+        workers = os.cpu_count() or 1
+    redis_url = env.get("METERGATE_REDIS_URL") or None
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError("METERGATE_REDIS_URL: expected redis://, rediss:// or unix:// URL")
+    secret = env.get("METERGATE_JWT_SECRET") or ""
+    return Settings(
+        config_path=path,
+        config=config,
+        redis_url=redis_url,
+        jwt_secret=secret or DEV_JWT_SECRET,
+        dev_secret=not secret,
+        gateway_host=gw_host,
+        gateway_port=gw_port,
+        admin_host=ad_host,
+        admin_port=ad_port,
+        workers=workers,
+    )

@@ -1,0 +1,1 @@
+"""Metergate: the metering proxy."""

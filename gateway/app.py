@@ -1,0 +1,161 @@
+"""The gateway application factory: shared resources as typed AppKeys in cleanup contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlsplit
+
+import aiohttp
+import redis.asyncio as redis
+from aiohttp import web
+
+from config.model import Upstream
+from config.settings import Settings
+from gateway import metrics
+from gateway.auth import TokenVerifier
+from gateway.failopen import FailOpenLedger
+from gateway.jwks import JwksCache
+from gateway.proxy import Proxy
+from gateway.redis_client import create_redis
+from gateway.redis_quota import RedisQuotaStore
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", redis.Redis)
+SESSIONS = web.AppKey("sessions", dict[str, aiohttp.ClientSession])
+STORE = web.AppKey("store", RedisQuotaStore)
+PROXY = web.AppKey("proxy", Proxy)
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
+    """Build the gateway; resources open on startup and close on cleanup, in reverse order."""
+    config = settings.config
+    app = web.Application(handler_args={"max_field_size": config.limits.max_header_bytes})
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_redis_ctx)
+    app.cleanup_ctx.append(_sessions_ctx)
+    app.cleanup_ctx.append(_proxy_ctx(clock))
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_route("*", "/{tail:.*}", _proxy)
+    return app
+
+
+async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    client = create_redis(
+        settings.redis_url or DEFAULT_REDIS_URL,
+        timeout=settings.config.metering.redis_timeout_seconds,
+    )
+    app[REDIS] = client
+    yield
+    await client.aclose()
+
+
+def _session(upstream: Upstream) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(
+        limit=upstream.max_connections, keepalive_timeout=30, ttl_dns_cache=300
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        sock_connect=upstream.connect_timeout_seconds,
+        sock_read=upstream.timeout_seconds,
+    )
+    # Bodies pass through untouched: no decompression, no headers the client did not send.
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+
+
+async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
+    sessions = {name: _session(up) for name, up in app[SETTINGS].config.upstreams.items()}
+    app[SESSIONS] = sessions
+    yield
+    await asyncio.gather(*(s.close() for s in sessions.values()))
+
+
+def _proxy_ctx(
+    clock: Callable[[], float],
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[SETTINGS]
+        config = settings.config
+        client = app[REDIS]
+        jwks_session: aiohttp.ClientSession | None = None
+        jwks = None
+        if config.auth.jwks_url:
+            jwks_session = aiohttp.ClientSession()
+            jwks = JwksCache(
+                config.auth.jwks_url,
+                jwks_session,
+                cooldown=config.auth.jwks_refresh_cooldown_seconds,
+                max_age=config.auth.jwks_cache_seconds,
+            )
+        verifier = TokenVerifier(config.auth, secret=settings.jwt_secret, jwks=jwks, clock=clock)
+        store = RedisQuotaStore(client, config, clock=clock, on_batch=metrics.BATCH.observe)
+        failopen = FailOpenLedger(client) if config.metering.fail_open else None
+        app[STORE] = store
+        app[PROXY] = Proxy(config, verifier, store, app[SESSIONS], failopen=failopen, clock=clock)
+        task = asyncio.create_task(failopen.run()) if failopen else None
+        yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            assert failopen is not None
+            await failopen.flush()
+        await store.aclose()
+        if jwks_session is not None:
+            await jwks_session.close()
+
+    return ctx
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    return await request.app[PROXY].handle(request)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    config = request.app[SETTINGS].config
+    redis_ok, backend_ok = await asyncio.gather(
+        request.app[STORE].ping(), _reachable(config.upstreams["default"].url)
+    )
+    ready = (redis_ok or not config.metering.enabled) and backend_ok
+    body = {"status": "ready" if ready else "not_ready", "redis": redis_ok, "backend": backend_ok}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def _reachable(url: str, timeout: float = 1.0) -> bool:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(parts.hostname, port)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body, content_type = metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})

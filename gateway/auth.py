@@ -1,0 +1,130 @@
+"""Bearer JWT verification shared by the gateway and the admin app.
+
+The verifier returns ``Claims`` or raises one ``AuthError``. Algorithms come from
+configuration, never from the token's header; keys are picked by algorithm family so an
+RS256 public key can never be used as an HS256 secret.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import jwt
+import msgspec
+
+from config.model import Auth
+from gateway.errors import AuthError
+from gateway.jwks import JwksCache
+
+_REQUIRED = ["exp", "sub"]
+
+
+class Claims(msgspec.Struct, frozen=True):
+    sub: str
+    exp: float
+    is_admin: bool
+
+
+class TokenVerifier:
+    """Verify bearer tokens; verified tokens are cached (bounded) until they expire."""
+
+    def __init__(
+        self,
+        auth: Auth,
+        *,
+        secret: str | None = None,
+        jwks: JwksCache | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._auth = auth
+        self._algorithms = list(auth.algorithms)
+        self._hmac = all(a.startswith("HS") for a in auth.algorithms)
+        self._secret = secret
+        self._jwks = jwks
+        self._public_key: object | None = None
+        if not self._hmac and auth.public_key_file:
+            with open(auth.public_key_file, "rb") as fh:
+                self._public_key = jwt.algorithms.get_default_algorithms()[
+                    auth.algorithms[0]
+                ].prepare_key(fh.read())
+        if self._hmac and not secret:
+            raise ValueError("an HMAC algorithm needs a secret")
+        self._clock = clock
+        self._cache: dict[str, Claims] = {}
+        self._cache_size = auth.token_cache_size
+        self._options: jwt.types.Options = {"require": _REQUIRED}
+
+    async def verify(self, token: str) -> Claims:
+        cached = self._cache.get(token)
+        if cached is not None:
+            if cached.exp + self._auth.leeway_seconds > self._clock():
+                return cached
+            del self._cache[token]
+        key = await self._key_for(token)
+        claims = self._decode(token, key)
+        if self._cache_size:
+            if len(self._cache) >= self._cache_size:
+                # Evict the oldest insertion: bounded memory without LRU bookkeeping.
+                del self._cache[next(iter(self._cache))]
+            self._cache[token] = claims
+        return claims
+
+    async def verify_header(self, header: str | None) -> Claims:
+        if not header:
+            raise AuthError("missing bearer token", missing=True)
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("Authorization must be 'Bearer <token>'")
+        return await self.verify(token.strip())
+
+    async def _key_for(self, token: str) -> object:
+        if self._hmac:
+            return self._secret
+        if self._public_key is not None:
+            return self._public_key
+        assert self._jwks is not None
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"malformed token: {exc}") from None
+        kid = header.get("kid")
+        if not isinstance(kid, str):
+            raise AuthError("token has no kid")
+        key = await self._jwks.get(kid)
+        if key is None:
+            raise AuthError("unknown signing key")
+        return key
+
+    def _decode(self, token: str, key: object) -> Claims:
+        try:
+            payload = jwt.decode(
+                token,
+                key,  # type: ignore[arg-type]
+                algorithms=self._algorithms,
+                options=self._options,
+                audience=self._auth.audience,
+                issuer=self._auth.issuer,
+                leeway=self._auth.leeway_seconds,
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.PyJWTError as exc:
+            raise AuthError(f"invalid token: {exc}") from None
+        sub, exp = payload.get("sub"), payload.get("exp")
+        if not isinstance(sub, str) or not sub or len(sub) > 128:
+            raise AuthError("invalid token: sub must be a non-empty string")
+        if not isinstance(exp, int | float):
+            raise AuthError("invalid token: exp must be a number")
+        return Claims(sub=sub, exp=float(exp), is_admin=payload.get("role") == "admin")
+
+
+def issue_token(
+    secret: str, sub: str, *, admin: bool = False, ttl: int = 3600, algorithm: str = "HS256"
+) -> str:
+    """Sign a token for development and tests (``metergate token``)."""
+    now = int(time.time())
+    claims: dict[str, object] = {"sub": sub, "iat": now, "exp": now + ttl}
+    if admin:
+        claims["role"] = "admin"
+    return jwt.encode(claims, secret, algorithm=algorithm)

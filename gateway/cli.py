@@ -1,0 +1,166 @@
+"""The ``metergate`` command: gateway, admin, up, token, check."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("metergate")
+
+DEV_SECRET_BANNER = """
+************************************************************************
+*  METERGATE_JWT_SECRET is not set: using the fixed DEVELOPMENT secret. *
+*  Anyone can mint tokens for this gateway. Never run it like this in   *
+*  production: set METERGATE_JWT_SECRET (or configure RS256/JWKS).      *
+************************************************************************"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("METERGATE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"metergate: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metergate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("gateway", help="run the metering proxy")
+    p.set_defaults(func=_cmd_gateway)
+
+    p = sub.add_parser("admin", help="run the admin app (billing API, Stripe webhooks)")
+    p.set_defaults(func=_cmd_admin)
+
+    p = sub.add_parser("up", help="development: Redis, demo backend, gateway and admin at once")
+    p.add_argument("--data-dir", default="var", help="where the embedded Redis keeps its data")
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("token", help="print a JWT signed with the configured secret")
+    p.add_argument("--sub", required=True, help="the account id")
+    p.add_argument("--admin", action="store_true", help="add role=admin (operators)")
+    p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds (default 3600)")
+    p.set_defaults(func=_cmd_token)
+
+    p = sub.add_parser("check", help="validate gateway.toml and the environment, then exit")
+    p.set_defaults(func=_cmd_check)
+    return parser
+
+
+def _settings() -> Settings:
+    return load_settings()
+
+
+def warn_dev_secret(settings: Settings) -> None:
+    hmac = all(a.startswith("HS") for a in settings.config.auth.algorithms)
+    if settings.dev_secret and hmac:
+        log.warning(DEV_SECRET_BANNER)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings()
+    config = settings.config
+    print(
+        f"{settings.config_path}: OK — {len(config.routes)} routes, "
+        f"{len(config.tiers)} tiers, {len(config.upstreams)} upstreams"
+    )
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    from gateway.auth import issue_token
+
+    settings = _settings()
+    if not all(a.startswith("HS") for a in settings.config.auth.algorithms):
+        print("metergate: token signs HS* tokens only; use your identity provider", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("metergate: --ttl must be positive", file=sys.stderr)
+        return 2
+    if settings.dev_secret:
+        print("metergate: warning: signed with the development secret", file=sys.stderr)
+    algorithm = settings.config.auth.algorithms[0]
+    print(
+        issue_token(
+            settings.jwt_secret, args.sub, admin=args.admin, ttl=args.ttl, algorithm=algorithm
+        )
+    )
+    return 0
+
+
+def _gateway_worker(index: int) -> None:
+    # Runs in a spawned worker process: settings are read again from the same environment.
+    from gateway.app import create_app
+    from gateway.server import Site, run, serve
+
+    settings = load_settings()
+    site = Site(
+        create_app(settings),
+        settings.gateway_host,
+        settings.gateway_port,
+        reuse_port=settings.workers > 1,
+        runner_args=gateway_runner_args(settings),
+    )
+    run(serve([site]))
+
+
+def gateway_runner_args(settings: Settings) -> dict[str, object]:
+    limits = settings.config.limits
+    args: dict[str, object] = {
+        "max_line_size": limits.max_line_bytes,
+        "max_field_size": limits.max_header_bytes,
+    }
+    if not settings.config.gateway.access_log:
+        args["access_log"] = None
+    return args
+
+
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    settings = _settings()
+    warn_dev_secret(settings)
+    log.info(
+        "gateway on http://%s:%d (%d worker%s), redis %s",
+        settings.gateway_host,
+        settings.gateway_port,
+        settings.workers,
+        "" if settings.workers == 1 else "s",
+        "configured" if settings.redis_url else "redis://127.0.0.1:6379/0 (default)",
+    )
+    if settings.workers == 1:
+        _gateway_worker(0)
+    else:
+        from gateway.server import run_workers
+
+        run_workers(_gateway_worker, settings.workers)
+    return 0
+
+
+def _cmd_admin(args: argparse.Namespace) -> int:
+    from gateway.dev import run_admin
+
+    return run_admin(_settings())
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from gateway.dev import run_up
+
+    return run_up(_settings(), data_dir=args.data_dir)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Typed errors at the gateway's boundaries and the JSON error bodies clients see.
+
+Every error a client can receive has a stable ``code``; README.md lists them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+from aiohttp import web
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    details: dict[str, object] | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def json_error(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    details: dict[str, object] | None = None,
+) -> web.Response:
+    body = _encode({"error": ErrorBody(code, message, details)})
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+class GatewayError(Exception):
+    """Base of the errors the gateway maps to a documented status."""
+
+
+class AuthError(GatewayError):
+    """The bearer token is missing or invalid; ``missing`` distinguishes the two for RFC 6750."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
+class QuotaStoreUnavailable(GatewayError):
+    """Redis could not be reached or answered too late."""
+
+
+class BadPath(GatewayError):
+    """The request target cannot be canonicalized unambiguously."""

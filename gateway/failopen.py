@@ -1,0 +1,69 @@
+"""What the gateway let through unmetered while Redis was down (fail-open mode).
+
+Units are tallied in memory per account and route, and written to the Redis Stream
+``mg:failopen`` once Redis answers again, so operators (and billing) can reconcile them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+
+import redis.asyncio as redis
+from redis.exceptions import RedisError
+
+from gateway import keys, metrics
+
+log = logging.getLogger(__name__)
+_Field = bytes | bytearray | memoryview | str | int | float
+
+
+class FailOpenLedger:
+    def __init__(self, client: redis.Redis, *, interval: float = 1.0, maxlen: int = 100_000):
+        self._redis = client
+        self._interval = interval
+        self._maxlen = maxlen
+        self._tally: Counter[tuple[str, str]] = Counter()
+        self._since = 0.0
+
+    def record(self, account: str, route: str, units: int) -> None:
+        if not self._tally:
+            self._since = time.time()
+        self._tally[(account, route)] += units
+        metrics.FAIL_OPEN.labels(route).inc(units)
+
+    @property
+    def pending_units(self) -> int:
+        return sum(self._tally.values())
+
+    async def flush(self) -> bool:
+        """Write the tally to the stream; keep it when Redis is still down."""
+        if not self._tally:
+            return True
+        tally, since = self._tally, self._since
+        self._tally = Counter()
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for (account, route), units in tally.items():
+                fields: dict[_Field, _Field] = {
+                    "account": account,
+                    "route": route,
+                    "units": units,
+                    "since": int(since),
+                    "until": int(time.time()),
+                }
+                pipe.xadd(keys.FAILOPEN_KEY, fields, maxlen=self._maxlen, approximate=True)
+            await pipe.execute()
+        except (RedisError, OSError, TimeoutError):
+            self._tally.update(tally)
+            self._since = since
+            return False
+        log.warning("reconciled %d units let through while Redis was down", sum(tally.values()))
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self.flush()

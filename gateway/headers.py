@@ -1,0 +1,77 @@
+"""Header rewriting between client, gateway and backend (RFC 9110 section 7.6)."""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 7.6.1 plus the de facto ones every proxy strips (RFC 2616's list, Proxy-Connection).
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Connection",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+    )
+)
+IDENTITY_PREFIX = "x-metergate-"
+ACCOUNT = "X-Metergate-Account"
+TIER = "X-Metergate-Tier"
+UNITS = "X-Metergate-Units"
+ROLE = "X-Metergate-Role"
+VIA = "1.1 metergate"
+
+# Never forwarded upstream: aiohttp sets Host from the upstream URL and handles Expect
+# itself; the forwarding headers are rewritten by the gateway, not trusted from clients.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "x-forwarded-host", "x-forwarded-proto"}
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def upstream_request_headers(
+    headers: CIMultiDictProxy[str],
+    *,
+    keep_authorization: bool,
+    client_ip: str | None,
+    scheme: str,
+    host: str | None,
+) -> CIMultiDict[str]:
+    drop = _REQUEST_DROP | _connection_tokens(headers)
+    if not keep_authorization:
+        drop = drop | {"authorization"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in drop or lower.startswith(IDENTITY_PREFIX):
+            continue
+        out.add(name, value)
+    if client_ip:
+        prior = headers.get("X-Forwarded-For")
+        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
+    out["X-Forwarded-Proto"] = scheme
+    if host:
+        out["X-Forwarded-Host"] = host
+    prior_via = headers.get("Via")
+    out["Via"] = f"{prior_via}, {VIA}" if prior_via else VIA
+    return out
+
+
+def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = HOP_BY_HOP | _connection_tokens(headers) | {"content-length"}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    prior_via = headers.get("Via")
+    out["Via"] = f"{prior_via}, {VIA}" if prior_via else VIA
+    return out

@@ -1,0 +1,100 @@
+-- Decide and charge one request, atomically: read the account's plan, pick the tier whose
+-- rules apply, start a fresh count at each new period, apply the rate limit, add the cost.
+--
+-- KEYS: 1 plan hash, 2 usage hash, 3 daily-by-route hash, 4 GCRA timestamp
+--       (all with the account's {hash tag}: one slot, so this runs on Redis Cluster)
+-- ARGV: 1 now (ms)           2 tier table "name,included,overage(0|1),cap(-1=none),interval_ms,burst;..."
+--       3 calendar month start (s)   4 calendar month end (s)   5 cost   6 route
+--       7 daily TTL (s)      8 past_due grace (s)   9 allowed tiers ",a,b," or ""
+-- Reply: {allowed, reason, used, included, reset_s, tier, period_start, overage_units, retry_ms}
+--   reason: 0 ok, 1 quota exhausted, 2 overage cap reached, 3 rate limited, 4 tier not allowed
+
+local now_ms = tonumber(ARGV[1])
+local now = math.floor(now_ms / 1000)
+local cost = tonumber(ARGV[5])
+
+local function tier_rules(name)
+  for n, inc, ov, cap, interval, burst in
+      string.gmatch(ARGV[2], '([^,;]+),(%d+),(%d),(%-?%d+),(%d+),(%d+)') do
+    if n == name then
+      return tonumber(inc), ov == '1', tonumber(cap), tonumber(interval), tonumber(burst)
+    end
+  end
+  return nil
+end
+
+local plan = redis.call('HMGET', KEYS[1], 'tier', 'status', 'period_start', 'period_end', 'past_due_since')
+local tier = 'free'
+local pstart, pend = tonumber(ARGV[3]), tonumber(ARGV[4])
+
+if plan[1] and plan[1] ~= 'free' and tier_rules(plan[1]) then
+  local status = plan[2]
+  local in_good_standing = status == 'active' or status == 'trialing'
+  if status == 'past_due' then
+    local since = tonumber(plan[5]) or now
+    in_good_standing = now - since <= tonumber(ARGV[8])
+  end
+  local s, e = tonumber(plan[3]), tonumber(plan[4])
+  if in_good_standing and s and e and e > s then
+    if now >= e then
+      -- The renewal event has not arrived (yet): a paying customer is not blocked, the
+      -- period rolls forward by its own length until the webhook brings the real one.
+      local len = e - s
+      s = s + math.floor((now - s) / len) * len
+      e = s + len
+      redis.call('HSET', KEYS[1], 'period_start', s, 'period_end', e)
+    end
+    tier, pstart, pend = plan[1], s, e
+  end
+end
+
+local included, overage_ok, cap, interval, burst = tier_rules(tier)
+if not included then
+  return redis.error_reply('tier table has no ' .. tier)
+end
+local reset = pend - now
+
+local usage = redis.call('HMGET', KEYS[2], 'period_start', 'used')
+local same_period = tonumber(usage[1]) == pstart
+local used = same_period and (tonumber(usage[2]) or 0) or 0
+
+if ARGV[9] ~= '' and not string.find(ARGV[9], ',' .. tier .. ',', 1, true) then
+  return {0, 4, used, included, reset, tier, pstart, 0, 0}
+end
+
+-- GCRA: at most `burst` requests at once, then one per `interval` ms.
+local new_tat
+if interval > 0 then
+  local tat = tonumber(redis.call('GET', KEYS[4])) or now_ms
+  if tat < now_ms then tat = now_ms end
+  new_tat = tat + interval
+  local allow_at = new_tat - burst * interval
+  if now_ms < allow_at then
+    return {0, 3, used, included, reset, tier, pstart, 0, allow_at - now_ms}
+  end
+end
+
+local new_used = used + cost
+local overage = 0
+if new_used > included then
+  overage = math.min(cost, new_used - included)
+  if not overage_ok then
+    return {0, 1, used, included, reset, tier, pstart, 0, reset * 1000}
+  end
+  if cap >= 0 and new_used - included > cap then
+    return {0, 2, used, included, reset, tier, pstart, 0, reset * 1000}
+  end
+end
+
+if new_tat then
+  redis.call('SET', KEYS[4], new_tat, 'PX', new_tat - now_ms)
+end
+if same_period then
+  redis.call('HINCRBY', KEYS[2], 'used', cost)
+  if overage > 0 then redis.call('HINCRBY', KEYS[2], 'overage', overage) end
+else
+  redis.call('HSET', KEYS[2], 'period_start', pstart, 'period_end', pend, 'used', cost, 'overage', overage)
+end
+redis.call('HINCRBY', KEYS[3], ARGV[6], cost)
+redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]))
+return {1, 0, new_used, included, reset, tier, pstart, overage, 0}

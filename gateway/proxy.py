@@ -1,0 +1,343 @@
+"""The request's way: canonical path, price, authenticate, charge, forward, refund.
+
+A request is charged before it is forwarded, and refunded when the backend could not
+answer (connection error, timeout, a configured 5xx, a body cut short), so customers never
+pay for our failures and nobody reaches a route without paying for it first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from config.model import Config
+from gateway import headers as hdr
+from gateway import metrics
+from gateway.auth import Claims, TokenVerifier
+from gateway.errors import AuthError, BadPath, QuotaStoreUnavailable, json_error
+from gateway.failopen import FailOpenLedger
+from gateway.quota import Decision, QuotaStore, Reason
+from gateway.routing import MethodNotAllowed, PricedRoute, RouteTable, canonicalize
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 64 * 1024
+_NO_BODY_STATUSES = frozenset({204, 304})
+_DENIAL = {
+    Reason.QUOTA_EXHAUSTED: (429, "quota_exceeded"),
+    Reason.OVERAGE_CAP: (429, "overage_cap_reached"),
+    Reason.RATE_LIMITED: (429, "rate_limited"),
+    Reason.TIER_NOT_ALLOWED: (403, "tier_not_allowed"),
+}
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class Proxy:
+    def __init__(
+        self,
+        config: Config,
+        verifier: TokenVerifier,
+        store: QuotaStore | None,
+        sessions: dict[str, aiohttp.ClientSession],
+        *,
+        failopen: FailOpenLedger | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._table = RouteTable(config)
+        self._verifier = verifier
+        self._store = store if config.metering.enabled else None
+        self._sessions = sessions
+        self._failopen = failopen
+        self._clock = clock
+        self._refund_statuses = frozenset(config.metering.refund_statuses)
+        self._max_body = config.limits.max_request_body_bytes
+        self._route_metrics = {r.name: metrics.RouteMetrics(r.name) for r in self._table.routes}
+        self._unmatched = metrics.RouteMetrics("(unmatched)")
+        self._upstream_urls = {n: u.url.rstrip("/") for n, u in config.upstreams.items()}
+        self._allowed_tiers = {
+            r.name: f",{','.join(r.tiers)}," if r.tiers else "" for r in self._table.routes
+        }
+        self._upgrade = _upgrade_hints(config)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            path, query = canonicalize(request.raw_path)
+        except BadPath as exc:
+            return self._finish(self._unmatched, json_error(400, "bad_path", str(exc)), started)
+        match = self._table.match(request.method, path)
+        if match is None:
+            resp = json_error(404, "route_not_found", f"no route for {path}")
+            return self._finish(self._unmatched, resp, started)
+        if isinstance(match, MethodNotAllowed):
+            resp = json_error(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed on {path}",
+                headers={"Allow": ", ".join(match.allowed)},
+            )
+            return self._finish(self._unmatched, resp, started)
+        route = match
+        rm = self._route_metrics[route.name]
+        length = request.content_length
+        if length is not None and length > self._max_body:
+            metrics.DENIALS.labels("body_too_large").inc()
+            resp = json_error(413, "body_too_large", f"request body over {self._max_body} bytes")
+            return self._finish(rm, resp, started)
+
+        claims: Claims | None = None
+        if not route.public:
+            try:
+                claims = await self._verifier.verify_header(request.headers.get("Authorization"))
+            except AuthError as exc:
+                metrics.DENIALS.labels("unauthorized").inc()
+                return self._finish(rm, _unauthorized(exc), started)
+
+        decision: Decision | None = None
+        if claims is not None and route.cost and self._store is not None:
+            try:
+                decision = await self._store.charge(
+                    claims.sub, route.name, route.cost, self._allowed_tiers[route.name]
+                )
+            except QuotaStoreUnavailable as exc:
+                metrics.REDIS_ERRORS.labels("charge").inc()
+                if self._failopen is None:
+                    log.debug("refusing %s %s: %s", request.method, path, exc)
+                    metrics.DENIALS.labels("metering_unavailable").inc()
+                    resp = json_error(
+                        503,
+                        "metering_unavailable",
+                        "usage metering is temporarily unavailable; retry shortly",
+                        headers={"Retry-After": "1"},
+                    )
+                    return self._finish(rm, resp, started)
+                self._failopen.record(claims.sub, route.name, route.cost)
+            else:
+                if not decision.allowed:
+                    code, denied = self._denied(decision)
+                    metrics.DENIALS.labels(code).inc()
+                    return self._finish(rm, denied, started)
+                rm.charged(decision.tier, route.cost)
+
+        return await self._forward(request, route, path, query, claims, decision, rm, started)
+
+    def _finish(
+        self, rm: metrics.RouteMetrics, resp: web.StreamResponse, started: float
+    ) -> web.StreamResponse:
+        rm.request(resp.status)
+        rm.latency.observe(time.perf_counter() - started)
+        return resp
+
+    def _denied(self, decision: Decision) -> tuple[str, web.Response]:
+        status, code = _DENIAL[decision.reason]
+        details: dict[str, object] = {
+            "tier": decision.tier,
+            "limit": decision.included,
+            "used": decision.used,
+            "reset_seconds": decision.reset_seconds,
+        }
+        headers = _ratelimit_headers(decision, self._clock())
+        if decision.reason is Reason.RATE_LIMITED:
+            message = "too many requests per second for this tier"
+            retry_after = max(1, -(-decision.retry_after_ms // 1000))
+        else:
+            message = {
+                Reason.QUOTA_EXHAUSTED: "the units included in this tier are used up",
+                Reason.OVERAGE_CAP: "the overage spend limit of this tier is reached",
+                Reason.TIER_NOT_ALLOWED: "this route is not available on this tier",
+            }[decision.reason]
+            retry_after = max(1, decision.reset_seconds)
+            hint = self._upgrade.get(decision.tier)
+            if hint:
+                details["upgrade"] = hint
+        if status == 429:
+            headers["Retry-After"] = str(retry_after)
+        return code, json_error(status, code, message, headers=headers, details=details)
+
+    async def _forward(
+        self,
+        request: web.Request,
+        route: PricedRoute,
+        path: str,
+        query: str,
+        claims: Claims | None,
+        decision: Decision | None,
+        rm: metrics.RouteMetrics,
+        started: float,
+    ) -> web.StreamResponse:
+        upstream = route.upstream
+        target = self._upstream_urls[route.upstream_name] + path + ("?" + query if query else "")
+        out_headers = hdr.upstream_request_headers(
+            request.headers,
+            keep_authorization=upstream.forward_authorization,
+            client_ip=request.remote,
+            scheme=request.scheme,
+            host=request.host,
+        )
+        if claims is not None:
+            out_headers[hdr.ACCOUNT] = claims.sub
+            if claims.is_admin:
+                out_headers[hdr.ROLE] = "admin"
+        if decision is not None:
+            out_headers[hdr.TIER] = decision.tier
+            out_headers[hdr.UNITS] = str(route.cost)
+        too_large = False
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal too_large
+            seen = 0
+            async for chunk in request.content.iter_any():
+                seen += len(chunk)
+                if seen > self._max_body:
+                    too_large = True
+                    raise _BodyTooLarge
+                yield chunk
+
+        data = body() if request.body_exists else None
+        session = self._sessions[route.upstream_name]
+        refunded = False
+
+        async def refund(kind: str) -> None:
+            nonlocal refunded
+            if refunded or decision is None or claims is None:
+                return
+            refunded = True
+            await self._refund(claims.sub, route, decision, rm, kind)
+
+        try:
+            upstream_resp = await session.request(
+                request.method,
+                URL(target, encoded=True),
+                headers=out_headers,
+                data=data,
+                allow_redirects=False,
+            )
+        except (aiohttp.ClientError, TimeoutError, _BodyTooLarge) as exc:
+            if too_large:
+                status, code, message, kind = 413, "body_too_large", "request body too large", ""
+            elif isinstance(exc, TimeoutError) and not isinstance(
+                exc, aiohttp.ConnectionTimeoutError
+            ):
+                status, code, kind = 504, "upstream_timeout", "timeout"
+                message = "the backend did not answer in time"
+            else:
+                status, code, kind = 502, "upstream_unavailable", "connect"
+                message = "the backend could not be reached"
+                log.warning("upstream %s failed: %r", route.upstream_name, exc)
+            if kind:
+                metrics.UPSTREAM_ERRORS.labels(route.upstream_name, kind).inc()
+            await refund(kind or "body_too_large")
+            return self._finish(rm, json_error(status, code, message), started)
+
+        try:
+            if upstream_resp.status in self._refund_statuses:
+                metrics.UPSTREAM_ERRORS.labels(route.upstream_name, str(upstream_resp.status)).inc()
+                await refund(str(upstream_resp.status))
+            return await self._relay(request, upstream_resp, decision, rm, started, refund)
+        finally:
+            upstream_resp.release()
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream_resp: aiohttp.ClientResponse,
+        decision: Decision | None,
+        rm: metrics.RouteMetrics,
+        started: float,
+        refund: Callable[[str], object],
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=upstream_resp.status,
+            reason=upstream_resp.reason,
+            headers=hdr.client_response_headers(upstream_resp.headers),
+        )
+        if decision is not None:
+            resp.headers.update(_ratelimit_headers(decision, self._clock()))
+        no_body = request.method == "HEAD" or upstream_resp.status in _NO_BODY_STATUSES
+        length = upstream_resp.content_length
+        if length is not None and upstream_resp.status not in _NO_BODY_STATUSES:
+            resp.content_length = length
+        rm.request(resp.status)
+        rm.latency.observe(time.perf_counter() - started)
+        await resp.prepare(request)
+        if no_body:
+            await resp.write_eof()
+            return resp
+        try:
+            async for chunk in upstream_resp.content.iter_chunked(_CHUNK):
+                await resp.write(chunk)
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError) as exc:
+            # The backend died mid-answer: the client got a cut body, so it does not pay.
+            metrics.UPSTREAM_ERRORS.labels("stream", "truncated").inc()
+            log.warning("upstream body cut short: %r", exc)
+            await refund("truncated")  # type: ignore[misc]
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        except ConnectionResetError:
+            # The client went away: it was served what it read; nothing to refund.
+            return resp
+        await resp.write_eof()
+        return resp
+
+    async def _refund(
+        self,
+        account: str,
+        route: PricedRoute,
+        decision: Decision,
+        rm: metrics.RouteMetrics,
+        kind: str,
+    ) -> None:
+        assert self._store is not None
+        try:
+            units = await self._store.refund(account, route.name, route.cost, decision)
+        except QuotaStoreUnavailable as exc:
+            metrics.REDIS_ERRORS.labels("refund").inc()
+            log.error("refund of %s units to %s failed (%s): %s", route.cost, account, kind, exc)
+            return
+        if units:
+            rm.refunds.inc(units)
+
+
+def _unauthorized(exc: AuthError) -> web.Response:
+    if exc.missing:
+        # RFC 6750 3.1: no error code when the request carried no credentials.
+        challenge = 'Bearer realm="metergate"'
+        code = "missing_token"
+    else:
+        challenge = 'Bearer realm="metergate", error="invalid_token"'
+        code = "invalid_token"
+    return json_error(401, code, str(exc), headers={"WWW-Authenticate": challenge})
+
+
+def _ratelimit_headers(decision: Decision, now: float) -> CIMultiDict[str]:
+    # draft-ietf-httpapi-ratelimit-headers (RateLimit / RateLimit-Policy structured fields).
+    remaining = max(0, decision.included - decision.used)
+    window = max(0, int(now) + decision.reset_seconds - decision.period_start)
+    out: CIMultiDict[str] = CIMultiDict()
+    out["RateLimit-Policy"] = f'"monthly";q={decision.included};w={window};qu="units"'
+    out["RateLimit"] = f'"monthly";r={remaining};t={max(0, decision.reset_seconds)}'
+    return out
+
+
+def _upgrade_hints(config: Config) -> dict[str, str]:
+    """For each tier, where to go next: the next tier up by included units."""
+    ordered = sorted(config.tiers.items(), key=lambda kv: kv[1].included_units)
+    hints = {}
+    for (name, _), (nxt, tier) in itertools.pairwise(ordered):
+        hints[name] = (
+            f"upgrade to {nxt} (${tier.monthly_price_usd}/month, "
+            f"{tier.included_units:,} units) with POST /billing/upgrade"
+        )
+    return hints
