@@ -89,6 +89,8 @@ class EmbeddedRedis:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        if self._proc.stderr is not None:
+            self._proc.stderr.close()
         self._proc = None
 
     def __enter__(self) -> EmbeddedRedis:
