@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -15,8 +16,6 @@ from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from gateway.server import Site, run, serve
 
 log = logging.getLogger("metergate")
-
-DEMO_BACKEND = ("127.0.0.1", 9000)
 
 
 def _admin_app(settings: Settings) -> object | None:
@@ -43,6 +42,9 @@ def run_up(settings: Settings, *, data_dir: str = "var") -> int:
     from gateway.demo_backend import create_demo_backend
 
     warn_dev_secret(settings)
+    # The demo backend serves where the default upstream points (127.0.0.1:9000 as shipped).
+    backend = urlsplit(settings.config.upstreams["default"].url)
+    backend_host, backend_port = backend.hostname or "127.0.0.1", backend.port or 80
     embedded: EmbeddedRedis | None = None
     if settings.redis_url is None:
         embedded = EmbeddedRedis(Path(data_dir) / "redis", persistent=True)
@@ -57,7 +59,9 @@ def run_up(settings: Settings, *, data_dir: str = "var") -> int:
         os.environ["METERGATE_REDIS_URL"] = embedded.url
     try:
         sites = [
-            Site(create_demo_backend(), *DEMO_BACKEND, runner_args={"access_log": None}),
+            Site(
+                create_demo_backend(), backend_host, backend_port, runner_args={"access_log": None}
+            ),
             Site(
                 create_app(settings),
                 settings.gateway_host,
@@ -75,7 +79,7 @@ def run_up(settings: Settings, *, data_dir: str = "var") -> int:
             print(
                 "\nMetergate is up:\n"
                 f"  gateway       {base}\n"
-                f"  demo backend  http://{DEMO_BACKEND[0]}:{DEMO_BACKEND[1]}\n"
+                f"  demo backend  http://{backend_host}:{backend_port}\n"
                 + (
                     f"  admin         http://{settings.admin_host}:{settings.admin_port}\n"
                     if admin

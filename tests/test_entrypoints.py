@@ -1,0 +1,154 @@
+"""The real entry points: `metergate up` and `metergate gateway` with several workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as redis
+
+from tests.conftest import ROOT, SECRET, auth, echo
+
+METERGATE = str(Path(sys.executable).with_name("metergate"))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("METERGATE_", "STRIPE_"))}
+    env["METERGATE_CONFIG"] = str(ROOT / "gateway.toml")
+    env.update(extra)
+    return env
+
+
+async def _wait_http(url: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} did not come up")
+
+
+def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> tuple[int, str]:
+    """Signal the process, wait for it, close its pipes; returns (exit code, stderr)."""
+    proc.send_signal(sig)
+    try:
+        _, stderr = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, stderr
+
+
+async def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
+    gw, admin, backend = _free_port(), _free_port(), _free_port()
+    env = _env(
+        METERGATE_GATEWAY_LISTEN=f"127.0.0.1:{gw}",
+        METERGATE_ADMIN_LISTEN=f"127.0.0.1:{admin}",
+        METERGATE_UPSTREAM_URL=f"http://127.0.0.1:{backend}",
+    )
+    proc = subprocess.Popen(
+        [METERGATE, "up", "--data-dir", str(tmp_path / "var")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        output = "".join(lines)
+        curl = re.search(r"curl -i -H 'Authorization: Bearer (\S+)' (\S+)", output)
+        assert curl, output
+        token, url = curl.groups()
+        assert url == f"http://127.0.0.1:{gw}/signals"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200
+                assert (await resp.json())["signals"]
+                assert resp.headers["RateLimit"].startswith('"monthly";r=99;')
+            for path, kind in [("/export/csv", "text/csv"), ("/export/pdf", "application/pdf")]:
+                async with session.get(
+                    f"http://127.0.0.1:{gw}{path}", headers={"Authorization": f"Bearer {token}"}
+                ) as resp:
+                    assert resp.status == 200
+                    assert resp.content_type == kind
+            async with session.get(f"http://127.0.0.1:{gw}/readyz") as resp:
+                assert resp.status == 200
+    finally:
+        code, stderr = _stop(proc)
+    assert code == 0, stderr
+    assert "DEVELOPMENT secret" in stderr
+    assert "Traceback" not in stderr
+    # The embedded Redis kept its data append-only under the data dir.
+    assert any((tmp_path / "var" / "redis").rglob("*.aof*"))
+
+
+@pytest.mark.slow
+async def test_gateway_workers_share_port_and_metrics(
+    redis_url: str, redis_client: redis.Redis, start_upstream
+) -> None:
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    port = _free_port()
+    env = _env(
+        METERGATE_GATEWAY_LISTEN=f"127.0.0.1:{port}",
+        METERGATE_GATEWAY_WORKERS="2",
+        METERGATE_REDIS_URL=redis_url,
+        METERGATE_JWT_SECRET=SECRET,
+        METERGATE_UPSTREAM_URL=str(upstream.make_url("")).rstrip("/"),
+    )
+    proc = subprocess.Popen(
+        [METERGATE, "gateway"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await _wait_http(base + "/healthz")
+        sent = 60
+        # A fresh connection per request, so the kernel spreads them over both workers.
+        for _ in range(sent):
+            async with aiohttp.ClientSession() as session:
+                async with session.get(base + "/signals", headers=auth("acct-workers")) as resp:
+                    assert resp.status == 200
+        used = int(await redis_client.hget("mg:{acct-workers}:usage", "used") or 0)
+        assert used == sent
+        # Whichever worker answers the scrape, it reports all workers' samples.
+        for _ in range(4):
+            async with aiohttp.ClientSession() as session:
+                async with session.get(base + "/metrics") as resp:
+                    text = await resp.text()
+            m = re.search(
+                r'metergate_units_charged_total\{route="/signals",tier="free"\} (\S+)', text
+            )
+            assert m, text[:2000]
+            assert float(m.group(1)) == sent
+    finally:
+        code, stderr = _stop(proc, signal.SIGTERM)
+    assert code == 0, stderr
