@@ -40,12 +40,21 @@ class JwksCache:
         self._inflight: asyncio.Future[None] | None = None
 
     async def get(self, kid: str) -> object | None:
+        key = self._keys.get(kid)
+        if self._inflight is not None:
+            # A fetch is under way (it already counts against the cooldown): a known key
+            # still serves, a miss waits for that fetch instead of being refused.
+            if key is None:
+                await asyncio.shield(self._inflight)
+                key = self._keys.get(kid)
+            return key
         now = self._clock()
         stale = self._fetched_at is None or now - self._fetched_at >= self._max_age
         cooled = self._fetched_at is None or now - self._fetched_at >= self._cooldown
-        if stale or (kid not in self._keys and cooled):
+        if stale or (key is None and cooled):
             await self.refresh()
-        return self._keys.get(kid)
+            key = self._keys.get(kid)
+        return key
 
     async def refresh(self) -> None:
         if self._inflight is not None:
