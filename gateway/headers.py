@@ -56,13 +56,11 @@ def upstream_request_headers(
             continue
         out.add(name, value)
     if client_ip:
-        prior = headers.get("X-Forwarded-For")
-        out["X-Forwarded-For"] = f"{prior}, {client_ip}" if prior else client_ip
+        out["X-Forwarded-For"] = _append(headers, "X-Forwarded-For", client_ip)
     out["X-Forwarded-Proto"] = scheme
     if host:
         out["X-Forwarded-Host"] = host
-    prior_via = headers.get("Via")
-    out["Via"] = f"{prior_via}, {VIA}" if prior_via else VIA
+    out["Via"] = _append(headers, "Via", VIA)
     return out
 
 
@@ -72,6 +70,11 @@ def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     for name, value in headers.items():
         if name.lower() not in drop:
             out.add(name, value)
-    prior_via = headers.get("Via")
-    out["Via"] = f"{prior_via}, {VIA}" if prior_via else VIA
+    out["Via"] = _append(headers, "Via", VIA)
     return out
+
+
+def _append(headers: CIMultiDictProxy[str], name: str, value: str) -> str:
+    # Repeated field lines are one comma-separated list (RFC 9110 5.3): keep every hop.
+    prior = [v for v in headers.getall(name, ()) if v.strip()]
+    return ", ".join([*prior, value])
