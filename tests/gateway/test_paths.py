@@ -192,7 +192,7 @@ async def test_trick_is_refused_and_never_forwarded(
         assert code == ("bad_path" if expected == 400 else "route_not_found")
 
 
-async def test_many_tricks_on_one_connection_charge_nothing(
+async def test_pipelined_tricks_on_one_keepalive_connection(
     gateway: tuple[TestServer, list[str]], redis_client: redis.Redis
 ) -> None:
     # Keep-alive: a refused request must not desynchronize the next one on the connection.
