@@ -33,11 +33,14 @@ def _script(name: str) -> tuple[bytes, str]:
 
 
 def tier_table(config: Config) -> str:
-    """The tier rules as charge.lua reads them: name,included,overage,cap,interval_ms,burst;..."""
+    """The tier rules as charge.lua reads them: name,included,overage,cap,interval_us,burst;..."""
     rows = []
     for name, tier in config.tiers.items():
         cap = -1 if tier.max_overage_units is None else tier.max_overage_units
-        interval = round(1000 / tier.requests_per_second) if tier.requests_per_second else 0
+        # Microseconds: whole milliseconds would round 3000/s down to 0 (no limit at all)
+        # and 1500/s to 1000/s.
+        rps = tier.requests_per_second
+        interval = max(1, round(1_000_000 / rps)) if rps else 0
         rows.append(
             f"{name},{tier.included_units},{int(tier.allows_overage)},{cap},{interval},{tier.burst}"
         )

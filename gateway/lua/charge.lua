@@ -3,7 +3,7 @@
 --
 -- KEYS: 1 plan hash, 2 usage hash, 3 daily-by-route hash, 4 GCRA timestamp
 --       (all with the account's {hash tag}: one slot, so this runs on Redis Cluster)
--- ARGV: 1 now (ms)           2 tier table "name,included,overage(0|1),cap(-1=none),interval_ms,burst;..."
+-- ARGV: 1 now (ms)           2 tier table "name,included,overage(0|1),cap(-1=none),interval_us,burst;..."
 --       3 calendar month start (s)   4 calendar month end (s)   5 cost   6 route
 --       7 daily TTL (s)      8 past_due grace (s)   9 allowed tiers ",a,b," or ""
 -- Reply: {allowed, reason, used, included, reset_s, tier, period_start, overage_units, retry_ms}
@@ -62,15 +62,17 @@ if ARGV[9] ~= '' and not string.find(ARGV[9], ',' .. tier .. ',', 1, true) then
   return {0, 4, used, included, reset, tier, pstart, 0, 0}
 end
 
--- GCRA: at most `burst` requests at once, then one per `interval` ms.
+-- GCRA: at most `burst` requests at once, then one per interval. The arrival time is kept
+-- in ms with microsecond decimals, so limits above 1000/s keep their rate.
 local new_tat
 if interval > 0 then
+  interval = interval / 1000
   local tat = tonumber(redis.call('GET', KEYS[4])) or now_ms
   if tat < now_ms then tat = now_ms end
   new_tat = tat + interval
   local allow_at = new_tat - burst * interval
   if now_ms < allow_at then
-    return {0, 3, used, included, reset, tier, pstart, 0, allow_at - now_ms}
+    return {0, 3, used, included, reset, tier, pstart, 0, math.ceil(allow_at - now_ms)}
   end
 end
 
@@ -87,7 +89,9 @@ if new_used > included then
 end
 
 if new_tat then
-  redis.call('SET', KEYS[4], new_tat, 'PX', new_tat - now_ms)
+  -- Kept a second past the arrival time: Redis expires keys by its own clock, not the
+  -- gateway's, and a state lost early would hand out a fresh burst.
+  redis.call('SET', KEYS[4], string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now_ms) + 1000)
 end
 if same_period then
   redis.call('HINCRBY', KEYS[2], 'used', cost)
