@@ -1,0 +1,204 @@
+"""Redis down: a fast 503 (or fail-open with a ledger), and recovery without a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as redis
+from aiohttp import web
+
+from gateway import keys
+from gateway.embedded_redis import EmbeddedRedis
+from tests.conftest import auth, echo, load_test_config, replace_section
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, so stopping it disturbs nobody else."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.server = EmbeddedRedis(data_dir, persistent=False)
+        self.port = self.server.port
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def restart(self) -> None:
+        self.server = EmbeddedRedis(self.data_dir, persistent=False, port=self.port)
+        self.server.start()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    box = PrivateRedis(tmp_path)
+    box.server.start()
+    yield box
+    box.server.stop()
+
+
+@pytest.fixture
+async def private_client(private_redis: PrivateRedis) -> AsyncIterator[redis.Redis]:
+    client = redis.Redis.from_url(private_redis.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def backend(start_upstream) -> tuple[str, list[str]]:
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path)
+        return await echo(request)
+
+    upstream = await start_upstream({"/{tail:.*}": record})
+    return str(upstream.make_url("")), seen
+
+
+async def _timed_get(
+    session: aiohttp.ClientSession, url: object, **kw: object
+) -> tuple[int, dict[str, object], float, dict[str, str]]:
+    started = time.monotonic()
+    async with session.get(url, **kw) as resp:  # type: ignore[arg-type]
+        body = await resp.json()
+        return resp.status, body, time.monotonic() - started, dict(resp.headers)
+
+
+async def _eventually(check: Callable[[], object], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if await check():  # type: ignore[misc]
+                return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_redis_down_answers_503_fast_and_recovers_without_restart(
+    backend, private_redis: PrivateRedis, private_client: redis.Redis, start_gateway
+) -> None:
+    upstream_url, seen = backend
+    gateway = await start_gateway(load_test_config(upstream_url), url=private_redis.url)
+    signals, readyz = gateway.make_url("/signals"), gateway.make_url("/readyz")
+    async with aiohttp.ClientSession() as session:
+        assert (await _timed_get(session, signals, headers=auth("acct-down")))[0] == 200
+        assert (await _timed_get(session, readyz))[0] == 200
+        assert seen == ["/signals"]
+
+        private_redis.stop()
+        for _ in range(3):
+            status, body, elapsed, headers = await _timed_get(
+                session, signals, headers=auth("acct-down")
+            )
+            assert status == 503
+            assert body["error"]["code"] == "metering_unavailable"  # type: ignore[index]
+            assert headers["Retry-After"] == "1"
+            assert elapsed < 1.0
+        assert seen == ["/signals"]  # the backend never saw an unmetered request
+        status, body, _, _ = await _timed_get(session, readyz)
+        assert (status, body["redis"]) == (503, False)
+        # Routes that charge nothing do not need Redis.
+        assert (await _timed_get(session, gateway.make_url("/healthz")))[0] == 200
+
+        private_redis.restart()
+        status, _, _, _ = await _timed_get(session, signals, headers=auth("acct-down"))
+        assert status == 200
+        assert (await _timed_get(session, readyz))[0] == 200
+    assert seen == ["/signals", "/signals"]
+    assert int(await private_client.hget(keys.usage_key("acct-down"), "used")) == 1
+
+
+async def test_redis_that_hangs_answers_503_within_a_second(
+    backend, private_redis: PrivateRedis, private_client: redis.Redis, start_gateway
+) -> None:
+    upstream_url, seen = backend
+    gateway = await start_gateway(load_test_config(upstream_url), url=private_redis.url)
+    signals = gateway.make_url("/signals")
+    async with aiohttp.ClientSession() as session:
+        assert (await _timed_get(session, signals, headers=auth("acct-hang")))[0] == 200
+        # Redis accepts the command but does not answer for 1.2 s.
+        paused = time.monotonic()
+        await private_client.execute_command("CLIENT", "PAUSE", 1200, "ALL")
+        status, body, elapsed, _ = await _timed_get(session, signals, headers=auth("acct-hang"))
+        assert status == 503
+        assert body["error"]["code"] == "metering_unavailable"  # type: ignore[index]
+        assert elapsed < 1.0
+        assert seen == ["/signals"]
+        await asyncio.sleep(max(0.0, paused + 1.3 - time.monotonic()))
+        assert (await _timed_get(session, signals, headers=auth("acct-hang")))[0] == 200
+
+
+async def test_fail_open_lets_requests_through_and_ledgers_them(
+    backend, private_redis: PrivateRedis, private_client: redis.Redis, start_gateway
+) -> None:
+    upstream_url, seen = backend
+    config = replace_section(load_test_config(upstream_url), metering={"fail_open": True})
+    gateway = await start_gateway(config, url=private_redis.url)
+    async with aiohttp.ClientSession() as session:
+
+        async def get(path: str, account: str) -> int:
+            status, _, elapsed, _ = await _timed_get(
+                session, gateway.make_url(path), headers=auth(account)
+            )
+            assert elapsed < 1.0
+            return status
+
+        private_redis.stop()
+        assert await get("/signals", "acct-open") == 200
+        assert await get("/signals", "acct-open") == 200
+        assert await get("/export/pdf", "acct-open") == 200
+        assert await get("/export/pdf", "acct-other") == 200
+        assert len(seen) == 4
+        await asyncio.sleep(1.2)  # a flush attempt while Redis is still down keeps the tally
+
+        private_redis.restart()
+        entries: list[dict[str, str]] = []
+
+        async def reconciled() -> bool:
+            raw = await private_client.xrange(keys.FAILOPEN_KEY)
+            entries[:] = [{k.decode(): v.decode() for k, v in e[1].items()} for e in raw]
+            return len(entries) == 3
+
+        await _eventually(reconciled)
+        tally = {(e["account"], e["route"]): int(e["units"]) for e in entries}
+        assert tally == {
+            ("acct-open", "/signals"): 2,
+            ("acct-open", "/export/pdf"): 5,
+            ("acct-other", "/export/pdf"): 5,
+        }
+        assert all(int(e["since"]) <= int(e["until"]) for e in entries)
+        # Metering resumes: the next request is charged normally.
+        assert await get("/signals", "acct-open") == 200
+    assert int(await private_client.hget(keys.usage_key("acct-open"), "used")) == 1
+
+
+async def test_a_burst_of_requests_while_redis_is_down_is_refused_whole(
+    backend, private_redis: PrivateRedis, start_gateway
+) -> None:
+    upstream_url, seen = backend
+    gateway = await start_gateway(load_test_config(upstream_url), url=private_redis.url)
+    private_redis.stop()
+    async with aiohttp.ClientSession() as session:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(
+                _timed_get(session, gateway.make_url("/signals"), headers=auth(f"acct-{i % 3}"))
+                for i in range(30)
+            )
+        )
+        assert time.monotonic() - started < 1.0
+    assert [r[0] for r in results] == [503] * 30
+    assert seen == []
