@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+import jwt
 import msgspec
 
-from config.model import Config, Route, Upstream
+from config.model import Auth, Config, Route, Tier, Upstream
 from config.paths import PathPattern, PatternError, parse_pattern
 
 _FREE = "free"
@@ -27,7 +30,7 @@ def load_config(path: str | Path, *, default_upstream_url: str | None = None) ->
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise ConfigError(_one_line(f"{path}: cannot read: {exc.strerror or exc}")) from None
     return parse_config(raw, source=str(path), default_upstream_url=default_upstream_url)
 
 
@@ -37,9 +40,9 @@ def parse_config(
     try:
         config = msgspec.toml.decode(raw, type=Config)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc)}") from None
-    except msgspec.DecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+        raise ConfigError(_one_line(f"{source}: {_describe(exc, raw)}")) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(_one_line(f"{source}: not valid TOML: {exc}")) from None
     if default_upstream_url is not None:
         upstreams = dict(config.upstreams)
         base = upstreams.get(_DEFAULT_UPSTREAM, Upstream(url=default_upstream_url))
@@ -48,19 +51,52 @@ def parse_config(
     try:
         validate(config)
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        raise ConfigError(_one_line(f"{source}: {exc}")) from None
     return config
 
 
-def _describe(exc: msgspec.ValidationError) -> str:
+def _one_line(text: str) -> str:
+    # Keys and values come from the file: a quoted key may hold a newline, the message may not.
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m[0])[1:-1], text)
+
+
+def _describe(exc: msgspec.ValidationError, raw: bytes | str) -> str:
     # msgspec says "... - at `$.tiers.free.included_units`"; lead with the key instead.
     text = str(exc)
-    match = re.match(r"(?P<msg>.*) - at `\$(?P<at>[^`]*)`$", text)
-    if not match:
-        return text
-    key = match["at"].lstrip(".") or "(top level)"
+    match = re.fullmatch(r"(?P<msg>.*?)(?: - at `\$(?P<at>[^`]*)`)?", text, re.DOTALL)
+    assert match is not None  # the pattern matches any text
+    msg, key = match["msg"], (match["at"] or "").lstrip(".")
+    unknown = re.fullmatch(r"Object contains unknown field `(?P<field>.*)`", msg, re.DOTALL)
+    if unknown:
+        # Name the offending key itself: "routes[2].prize: unknown key".
+        key, msg = f"{key}.{unknown['field']}" if key else unknown["field"], "unknown key"
+    key = key or "(top level)"
     key = re.sub(r"\[(\d+)\]", lambda m: f"[{int(m[1]) + 1}]", key)  # 1-based like TOML readers
-    return f"{key}: {match['msg']}"
+    section = key.partition("[...]")[0]
+    if section in _NAMED_SECTIONS and key.startswith(f"{section}[...]"):
+        # msgspec writes a table key as [...]: find which named entry fails.
+        name = _failing_entry(raw, section)
+        if name is not None:
+            key = f"{section}.{name}" + key.removeprefix(f"{section}[...]")
+    return f"{key}: {msg}"
+
+
+_NAMED_SECTIONS: dict[str, type[Any]] = {"tiers": Tier, "upstreams": Upstream}
+
+
+def _failing_entry(raw: bytes | str, section: str) -> str | None:
+    try:
+        table = tomllib.loads(raw.decode() if isinstance(raw, bytes) else raw).get(section)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(table, dict):
+        return None
+    for name, value in table.items():
+        try:
+            msgspec.convert(value, _NAMED_SECTIONS[section])
+        except msgspec.ValidationError:
+            return str(name)
+    return None
 
 
 def validate(config: Config) -> None:
@@ -133,8 +169,29 @@ def _validate_auth(config: Config) -> None:
             )
         if auth.jwks_url:
             check_url(auth.jwks_url, "auth.jwks_url")
+        if auth.public_key_file:
+            _check_public_key(auth, auth.public_key_file)
     elif auth.public_key_file or auth.jwks_url:
         raise ConfigError("auth: public_key_file/jwks_url need an RS*, ES* or PS* algorithm")
+
+
+def _check_public_key(auth: Auth, path: str) -> None:
+    # Read here so `metergate check` catches it, not the first request after a deploy.
+    key = "auth.public_key_file"
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    algorithms = jwt.algorithms.get_default_algorithms()
+    for name in auth.algorithms:
+        try:
+            prepared = algorithms[name].prepare_key(data)
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{key}: {path} is not a public key for {name}: {exc}") from None
+        if hasattr(prepared, "private_bytes"):
+            # PyJWT cannot verify with a private key object (every request would fail), and
+            # the gateway has no business holding the signing key.
+            raise ConfigError(f"{key}: {path} holds a private key; give the public key")
 
 
 def _validate_routes(config: Config) -> None:
@@ -153,11 +210,16 @@ def _validate_routes(config: Config) -> None:
             raise ConfigError(f"{key}.methods: a method is listed twice")
         if route.upstream not in config.upstreams:
             raise ConfigError(f"{key}.upstream: unknown upstream {route.upstream!r}")
+        if route.tiers is not None and not route.tiers:
+            # The proxy reads an empty list as "every tier": refuse the ambiguity.
+            raise ConfigError(f"{key}.tiers: empty (omit it to allow every tier)")
         for tier in route.tiers or ():
             if tier not in config.tiers:
                 raise ConfigError(f"{key}.tiers: unknown tier {tier!r}")
         if route.public and route.cost:
             raise ConfigError(f"{key}.cost: a public route cannot cost units (no account)")
+        if route.public and route.tiers:
+            raise ConfigError(f"{key}.tiers: a public route has no account to check a tier of")
         for other_index, other, other_pattern in seen:
             shared = set(route.methods) & set(other.methods)
             if shared and pattern.overlaps(other_pattern):
