@@ -78,4 +78,11 @@ class JwksCache:
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
             log.warning("JWKS fetch from %s failed: %s", self._url, exc)
             return
-        self._keys = {k.key_id: k.key for k in keyset.keys if k.key_id}
+        self._keys = {k.key_id: _public(k.key) for k in keyset.keys if k.key_id}
+
+
+def _public(key: object) -> object:
+    # A JWK published with its private part would make PyJWT fail with AttributeError
+    # (a 500) on every token: verify with the public half.
+    public_key = getattr(key, "public_key", None)
+    return public_key() if callable(public_key) else key

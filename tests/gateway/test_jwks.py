@@ -31,8 +31,9 @@ def _key() -> rsa.RSAPrivateKey:
 KEYS = {"k1": _key(), "k2": _key()}
 
 
-def _jwk(kid: str) -> dict[str, Any]:
-    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(KEYS[kid].public_key(), as_dict=True)
+def _jwk(kid: str, private: bool = False) -> dict[str, Any]:
+    key = KEYS[kid] if private else KEYS[kid].public_key()
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True)
     return {**jwk, "kid": kid, "use": "sig", "alg": "RS256"}
 
 
@@ -49,6 +50,7 @@ class JwksServer:
         self.delay = delay
         self.fetches = 0
         self.status = 200
+        self.private = False
 
     async def handle(self, request: web.Request) -> web.Response:
         self.fetches += 1
@@ -56,7 +58,7 @@ class JwksServer:
             await asyncio.sleep(self.delay)
         if self.status != 200:
             return web.Response(status=self.status, text="down")
-        return web.json_response({"keys": [_jwk(k) for k in self.kids]})
+        return web.json_response({"keys": [_jwk(k, self.private) for k in self.kids]})
 
 
 async def _setup(
@@ -104,6 +106,19 @@ async def test_known_kid_passes_and_keys_are_cached(start_upstream, start_gatewa
         assert await _status(session, gateway, token("k1", signer="k2")) == 401
     assert jwks.fetches == 1
     assert len(hits) == 3
+
+
+async def test_key_published_with_its_private_part_still_verifies(
+    start_upstream, start_gateway
+) -> None:
+    # A careless IdP publishing "d" must not turn every request into a 500.
+    jwks = JwksServer(["k1"])
+    jwks.private = True
+    gateway, hits = await _setup(start_upstream, start_gateway, jwks)
+    async with aiohttp.ClientSession() as session:
+        assert await _status(session, gateway, token("k1")) == 200
+        assert await _status(session, gateway, token("k1", signer="k2")) == 401
+    assert len(hits) == 1
 
 
 async def test_rotation_refreshes_once_and_passes(start_upstream, start_gateway) -> None:
