@@ -1,0 +1,121 @@
+"""/metrics: requests, units, denials, upstream and Redis errors, batch sizes.
+
+Prometheus counters are process-global and other tests run in this process too, so every
+assertion is on the change between two scrapes.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import aiohttp
+import redis.asyncio as redis
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.periods import calendar_month
+from tests.conftest import Clock, auth, echo, load_test_config
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def _scrape(session: aiohttp.ClientSession, gateway) -> Samples:
+    async with session.get(gateway.make_url("/metrics")) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+async def test_metrics_count_requests_units_denials_and_errors(
+    start_upstream, start_gateway, redis_client: redis.Redis, clock: Clock
+) -> None:
+    async def backend(request: web.Request) -> web.StreamResponse:
+        if request.path == "/export/pdf":
+            return web.Response(status=503)
+        return await echo(request)
+
+    upstream = await start_upstream({"/{tail:.*}": backend})
+    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    await redis_client.hset(
+        "mg:{acct-m-full}:usage",
+        mapping={"period_start": calendar_month(clock.now)[0], "used": 100, "overage": 0},
+    )
+    async with aiohttp.ClientSession() as session:
+        before = await _scrape(session, gateway)
+        for path, account in [
+            ("/signals", "acct-m"),
+            ("/signals", "acct-m"),
+            ("/export/csv", "acct-m"),
+            ("/export/pdf", "acct-m"),  # 503 from the backend: refunded
+            ("/signals", "acct-m-full"),  # 429
+        ]:
+            async with session.get(gateway.make_url(path), headers=auth(account)) as resp:
+                await resp.read()
+        async with session.get(gateway.make_url("/signals")) as resp:  # no token: 401
+            await resp.read()
+        async with session.get(gateway.make_url("/nowhere"), headers=auth()) as resp:
+            assert resp.status == 404
+        after = await _scrape(session, gateway)
+
+    def d(name: str, **labels: str) -> float:
+        return _delta(before, after, name, **labels)
+
+    assert d("metergate_requests_total", route="/signals", status="200") == 2
+    assert d("metergate_requests_total", route="/signals", status="429") == 1
+    assert d("metergate_requests_total", route="/signals", status="401") == 1
+    assert d("metergate_requests_total", route="/export/pdf", status="503") == 1
+    assert d("metergate_requests_total", route="(unmatched)", status="404") == 1
+    assert d("metergate_units_charged_total", tier="free", route="/signals") == 2
+    assert d("metergate_units_charged_total", tier="free", route="/export/csv") == 3
+    assert d("metergate_units_charged_total", tier="free", route="/export/pdf") == 5
+    assert d("metergate_units_refunded_total", route="/export/pdf") == 5
+    assert d("metergate_denials_total", reason="quota_exceeded") == 1
+    assert d("metergate_denials_total", reason="unauthorized") == 1
+    assert d("metergate_upstream_errors_total", upstream="default", kind="503") == 1
+    assert d("metergate_request_duration_seconds_count", route="/signals") == 4
+    assert d("metergate_charge_batch_size_count") >= 5  # 5 charges + 1 refund, maybe coalesced
+    assert d("metergate_charge_batch_size_sum") == 6
+
+
+async def test_redis_errors_are_counted(start_upstream, start_gateway) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    gateway = await start_gateway(
+        load_test_config(str(upstream.make_url(""))), url=f"redis://127.0.0.1:{closed}/0"
+    )
+    async with aiohttp.ClientSession() as session:
+        before = await _scrape(session, gateway)
+        async with session.get(gateway.make_url("/signals"), headers=auth()) as resp:
+            assert resp.status == 503
+        after = await _scrape(session, gateway)
+    assert _delta(before, after, "metergate_redis_errors_total", op="charge") == 1
+    assert _delta(before, after, "metergate_denials_total", reason="metering_unavailable") == 1
+
+
+async def test_upstream_connection_errors_are_counted(start_gateway) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    gateway = await start_gateway(load_test_config(f"http://127.0.0.1:{closed}"))
+    async with aiohttp.ClientSession() as session:
+        before = await _scrape(session, gateway)
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-me")) as resp:
+            assert resp.status == 502
+        after = await _scrape(session, gateway)
+    assert (
+        _delta(before, after, "metergate_upstream_errors_total", upstream="default", kind="connect")
+        == 1
+    )
+    assert _delta(before, after, "metergate_units_refunded_total", route="/signals") == 1
