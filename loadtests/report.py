@@ -1,0 +1,185 @@
+"""Benchmark results: the per-system record, the issue's targets, and the markdown table."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# The targets of the performance issue, as ratios from one run.
+CPU_VS_YARDSTICK = 0.3
+CPU_VS_NGINX = 4.0
+METERING_OVERHEAD = 0.15
+P99_OVER_DIRECT_MS = 2.0
+ROUND_TRIPS_WELL_BELOW_ONE = 0.5
+
+
+@dataclass
+class Result:
+    system: str
+    label: str
+    kind: str
+    workers: int
+    metering: bool
+    rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    requests_wrk: int
+    requests_warmup: int
+    requests_served: int
+    cpu_us_per_req: float
+    backend_cpu_us_per_req: float
+    redis_cpu_us_per_req: float
+    evalsha_per_req: float | None
+    round_trips_per_req: float | None
+    mean_batch: float | None
+    errors: dict[str, int]
+    units_expected: int
+    units_charged: int
+    check_ok: bool
+    problems: list[str] = field(default_factory=list)
+    loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+
+Target = dict[str, Any]
+
+
+def evaluate_targets(results: Sequence[Result], connections: int) -> list[Target]:
+    by = {r.system: r for r in results}
+    one, off = by.get("metergate-1w"), by.get("metergate-off")
+    yard, nginx, direct = by.get("yardstick"), by.get("nginx"), by.get("direct")
+    out: list[Target] = []
+
+    def add(name: str, ok: bool | None, detail: str) -> None:
+        out.append({"target": name, "status": _status(ok), "detail": detail})
+
+    name = f"metergate 1 worker CPU/req <= {CPU_VS_YARDSTICK} x yardstick"
+    if one and yard:
+        ratio = one.cpu_us_per_req / yard.cpu_us_per_req
+        add(name, ratio <= CPU_VS_YARDSTICK, f"{_us(one)} vs {_us(yard)}: {ratio:.2f} x")
+    else:
+        add(name, None, "needs metergate-1w and yardstick")
+    name = f"metergate 1 worker CPU/req <= {CPU_VS_NGINX:g} x nginx"
+    if one and nginx:
+        ratio = one.cpu_us_per_req / nginx.cpu_us_per_req
+        add(name, ratio <= CPU_VS_NGINX, f"{_us(one)} vs {_us(nginx)}: {ratio:.1f} x")
+    else:
+        add(name, None, "needs metergate-1w and nginx")
+    name = f"metering adds <= {METERING_OVERHEAD:.0%} CPU/req over metering off"
+    if one and off:
+        extra = one.cpu_us_per_req / off.cpu_us_per_req - 1
+        add(name, extra <= METERING_OVERHEAD, f"{_us(one)} vs {_us(off)}: {extra:+.0%}")
+    else:
+        add(name, None, "needs metergate-1w and metergate-off")
+    for r in results:
+        if r.kind != "metergate" or not r.metering:
+            continue
+        name = f"{r.system} p99 at {connections} connections <= direct + {P99_OVER_DIRECT_MS:g} ms"
+        if direct:
+            limit = direct.p99_ms + P99_OVER_DIRECT_MS
+            add(name, r.p99_ms <= limit, f"{r.p99_ms:.2f} ms vs {limit:.2f} ms")
+        else:
+            add(name, None, "needs direct")
+    name = f"Redis round trips per request well below one (< {ROUND_TRIPS_WELL_BELOW_ONE})"
+    if one and one.round_trips_per_req is not None:
+        rt = one.round_trips_per_req
+        add(
+            name,
+            rt < ROUND_TRIPS_WELL_BELOW_ONE,
+            f"metergate-1w {rt:.3f} round trips/req, mean batch {one.mean_batch or 0:.1f} charges",
+        )
+    else:
+        add(name, None, "needs metergate-1w with /metrics")
+    bad = [r.system for r in results if not r.check_ok]
+    add(
+        "every request answered 200; Redis units == served requests x cost",
+        not bad,
+        "all runs" if not bad else "failed: " + ", ".join(bad),
+    )
+    return out
+
+
+def scaling_rows(results: Sequence[Result]) -> list[dict[str, float]]:
+    runs = sorted(
+        (r for r in results if r.kind == "metergate" and r.metering), key=lambda r: r.workers
+    )
+    if not runs:
+        return []
+    base = next((r.rps for r in runs if r.workers == 1), runs[0].rps / runs[0].workers)
+    return [
+        {
+            "workers": r.workers,
+            "rps": round(r.rps),
+            "speedup": round(r.rps / base, 2) if base else 0.0,
+            "cpu_us_per_req": round(r.cpu_us_per_req, 1),
+            "p99_ms": round(r.p99_ms, 2),
+        }
+        for r in runs
+    ]
+
+
+def render(
+    results: Sequence[Result],
+    targets: Sequence[Target],
+    scaling: Sequence[dict[str, float]],
+    machine: dict[str, Any],
+    settings: dict[str, Any],
+) -> str:
+    by = {r.system: r for r in results}
+    yard, nginx = by.get("yardstick"), by.get("nginx")
+    lines = [
+        f"## Metergate benchmark, {machine['date']}",
+        "",
+        f"{machine['cpu_model']}, {machine['nproc']} CPUs, Linux {machine['kernel']}, "
+        f"Python {machine['python']}; wrk -t{settings['threads']} -c{settings['connections']}, "
+        f"{settings['duration']:g} s after a {settings['warmup']:g} s warm-up, "
+        f"{settings['accounts']} accounts x 4 priced routes.",
+        "",
+        "| System | req/s | p50 ms | p99 ms | CPU µs/req | vs yardstick | vs nginx "
+        "| EVALSHA/req | Redis RT/req | Redis µs/req | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.system} ({r.label}) | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
+            f"| {r.cpu_us_per_req:.1f} | {_ratio(r, yard)} | {_ratio(r, nginx)} "
+            f"| {_num(r.evalsha_per_req, 2)} | {_num(r.round_trips_per_req, 3)} "
+            f"| {_num(r.redis_cpu_us_per_req if r.metering else None, 1)} "
+            f"| {'OK' if r.check_ok else 'FAIL'} |"
+        )
+    lines += ["", "CPU µs/req: the proxy's processes only (for direct: the backend's).", ""]
+    lines += ["### Targets (issue 3)", ""]
+    lines += [f"- **{t['status']}** {t['target']}: {t['detail']}" for t in targets]
+    if scaling:
+        lines += ["", "### Scaling: metergate complete by workers", ""]
+        lines += ["| workers | req/s | speedup | CPU µs/req | p99 ms |", "|" + "---:|" * 5]
+        lines += [
+            f"| {s['workers']} | {s['rps']:,.0f} | {s['speedup']:.2f} "
+            f"| {s['cpu_us_per_req']:.1f} | {s['p99_ms']:.2f} |"
+            for s in scaling
+        ]
+    problems = [(r.system, p) for r in results for p in r.problems]
+    if problems:
+        lines += ["", "### Problems", ""]
+        lines += [f"- {system}: {problem}" for system, problem in problems]
+    return "\n".join(lines)
+
+
+def _status(ok: bool | None) -> str:
+    return "n/a" if ok is None else "PASS" if ok else "FAIL"
+
+
+def _us(r: Result) -> str:
+    return f"{r.cpu_us_per_req:.0f} µs"
+
+
+def _ratio(r: Result, base: Result | None) -> str:
+    if base is None or not base.cpu_us_per_req:
+        return "-"
+    return f"{r.cpu_us_per_req / base.cpu_us_per_req:.2f}"
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
