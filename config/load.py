@@ -142,7 +142,8 @@ def check_url(url: str, key: str) -> None:
 
 def parse_listen(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    # isascii: str.isdigit accepts fullwidth digits, which int() reads as ASCII ones.
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"bad listen address {value!r} (expected host:port)")
     return host.strip("[]"), int(port)
 

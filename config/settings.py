@@ -52,7 +52,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     ad_host, ad_port = listen("METERGATE_ADMIN_LISTEN", config.admin.listen)
     workers_raw = env.get("METERGATE_GATEWAY_WORKERS")
     if workers_raw:
-        if not workers_raw.isdigit():
+        # isascii: "²".isdigit() is True but int("²") raises.
+        if not (workers_raw.isascii() and workers_raw.isdigit()):
             raise ConfigError(f"METERGATE_GATEWAY_WORKERS: {workers_raw!r} is not a number >= 0")
         workers = int(workers_raw)
     else:
@@ -63,6 +64,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError("METERGATE_REDIS_URL: expected redis://, rediss:// or unix:// URL")
     secret = env.get("METERGATE_JWT_SECRET") or ""
+    _check_secret_length(secret, config)
     return Settings(
         config_path=path,
         config=config,
@@ -75,3 +77,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         admin_port=ad_port,
         workers=workers,
     )
+
+
+def _check_secret_length(secret: str, config: Config) -> None:
+    # RFC 7518 3.2: an HMAC key MUST be at least as long as the hash output. PyJWT only
+    # warns, on every token; refusing at start is clearer.
+    for algorithm in config.auth.algorithms:
+        if secret and algorithm.startswith("HS"):
+            needed = int(algorithm[2:]) // 8
+            if len(secret.encode()) < needed:
+                raise ConfigError(
+                    f"METERGATE_JWT_SECRET: {algorithm} needs at least {needed} bytes "
+                    f"(RFC 7518 3.2), got {len(secret.encode())}"
+                )

@@ -1,0 +1,132 @@
+"""Deployment settings come from the environment and override the file's defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, load_settings
+from config.settings import DEV_JWT_SECRET
+from tests.conftest import ROOT
+
+SHIPPED = str(ROOT / "gateway.toml")
+SECRET = "s" * 32
+
+
+def _env(**overrides: str) -> dict[str, str]:
+    return {"METERGATE_CONFIG": SHIPPED, **overrides}
+
+
+def test_defaults_come_from_the_file() -> None:
+    settings = load_settings(env=_env(METERGATE_JWT_SECRET=SECRET))
+    assert settings.config_path == SHIPPED
+    assert (settings.gateway_host, settings.gateway_port) == ("127.0.0.1", 8080)
+    assert (settings.admin_host, settings.admin_port) == ("127.0.0.1", 8081)
+    assert settings.workers == 1
+    assert settings.redis_url is None
+    assert settings.config.upstreams["default"].url == "http://127.0.0.1:9000"
+    assert settings.jwt_secret == SECRET
+    assert not settings.dev_secret
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    text = Path(SHIPPED).read_text().replace("workers = 1", "workers = 3")
+    (tmp_path / "other.toml").write_text(text)
+    settings = load_settings(env={"METERGATE_CONFIG": str(tmp_path / "other.toml")})
+    assert settings.workers == 3
+    assert settings.config_path == str(tmp_path / "other.toml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(env={"METERGATE_CONFIG": str(tmp_path / "missing.toml")})
+
+
+def test_config_path_defaults_to_gateway_toml_in_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^gateway\.toml: cannot read"):
+        load_settings(env={})
+    (tmp_path / "gateway.toml").write_text(Path(SHIPPED).read_text())
+    assert load_settings(env={}).config_path == "gateway.toml"
+
+
+def test_unset_secret_means_the_loud_dev_secret() -> None:
+    for env in (_env(), _env(METERGATE_JWT_SECRET="")):
+        settings = load_settings(env=env)
+        assert settings.jwt_secret == DEV_JWT_SECRET
+        assert settings.dev_secret
+
+
+def test_short_secret_is_refused() -> None:
+    with pytest.raises(ConfigError, match="METERGATE_JWT_SECRET: HS256 needs at least 32"):
+        load_settings(env=_env(METERGATE_JWT_SECRET="s" * 31))
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://10.0.0.5:6379/2", "rediss://user:pw@redis.internal:6380/0", "unix:///r.sock"]
+)
+def test_redis_url(url: str) -> None:
+    assert load_settings(env=_env(METERGATE_REDIS_URL=url)).redis_url == url
+
+
+def test_bad_redis_url() -> None:
+    with pytest.raises(ConfigError, match=r"^METERGATE_REDIS_URL: "):
+        load_settings(env=_env(METERGATE_REDIS_URL="http://localhost:6379"))
+
+
+def test_upstream_url_overrides_the_default_upstream_only() -> None:
+    settings = load_settings(env=_env(METERGATE_UPSTREAM_URL="http://backend.internal:9100"))
+    assert settings.config.upstreams["default"].url == "http://backend.internal:9100"
+    assert settings.config.upstreams["admin"].url == "http://127.0.0.1:8081"
+
+
+@pytest.mark.parametrize("url", ["backend:9000", "ftp://backend", "http://", "http://b:x"])
+def test_bad_upstream_url(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^METERGATE_UPSTREAM_URL: "):
+        load_settings(env=_env(METERGATE_UPSTREAM_URL=url))
+
+
+@pytest.mark.parametrize(
+    ("value", "host", "port"),
+    [
+        ("0.0.0.0:9090", "0.0.0.0", 9090),
+        ("[::1]:8443", "::1", 8443),
+        ("localhost:0", "localhost", 0),
+    ],
+)
+def test_listen_addresses(value: str, host: str, port: int) -> None:
+    settings = load_settings(
+        env=_env(METERGATE_GATEWAY_LISTEN=value, METERGATE_ADMIN_LISTEN=f"{host}:{port + 1}")
+    )
+    assert (settings.gateway_host, settings.gateway_port) == (host, port)
+    assert (settings.admin_host, settings.admin_port) == (host, port + 1)
+
+
+@pytest.mark.parametrize("var", ["METERGATE_GATEWAY_LISTEN", "METERGATE_ADMIN_LISTEN"])
+@pytest.mark.parametrize(
+    "value", ["8080", ":8080", "host:", "host:99999", "host:http", "h:\uff18\uff10"]
+)
+def test_bad_listen_address(var: str, value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=_env(**{var: value}))
+    assert str(caught.value).startswith(f"{var}: ")
+
+
+@pytest.mark.parametrize(("value", "workers"), [("4", 4), ("1", 1), ("0", os.cpu_count() or 1)])
+def test_workers(value: str, workers: int) -> None:
+    assert load_settings(env=_env(METERGATE_GATEWAY_WORKERS=value)).workers == workers
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5", " 2", "²", "٣"])
+def test_bad_workers(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^METERGATE_GATEWAY_WORKERS: "):
+        load_settings(env=_env(METERGATE_GATEWAY_WORKERS=value))
+
+
+def test_workers_zero_in_the_file_means_one_per_cpu(tmp_path: Path) -> None:
+    text = Path(SHIPPED).read_text().replace("workers = 1", "workers = 0")
+    (tmp_path / "g.toml").write_text(text)
+    assert load_settings(env={"METERGATE_CONFIG": str(tmp_path / "g.toml")}).workers == (
+        os.cpu_count() or 1
+    )
