@@ -45,6 +45,11 @@ if plan[1] and plan[1] ~= 'free' and tier_rules(plan[1]) then
       redis.call('HSET', KEYS[1], 'period_start', s, 'period_end', e)
     end
     tier, pstart, pend = plan[1], s, e
+  elseif s and e and s <= now and now < e then
+    -- Lapsed inside its paid period: free rules, but on the same count. Starting a fresh
+    -- calendar-month count would overwrite the paid period's usage, losing overage not
+    -- yet billed, and a recovered payment would then start that period from zero.
+    pstart, pend = s, e
   end
 end
 

@@ -255,11 +255,37 @@ async def test_lapsed_plan_is_hard_stopped_like_free(
     start_upstream, start_gateway, redis_client: redis.Redis, clock: Clock
 ) -> None:
     gateway = await start_gateway(await _upstream_config(start_upstream))
-    await _write_plan(redis_client, "acct-lapsed", clock, status="unpaid")
-    await _set_used(redis_client, "acct-lapsed", calendar_month(clock.now)[0], 100)
+    start, _ = await _write_plan(redis_client, "acct-lapsed", clock, status="unpaid")
+    await _set_used(redis_client, "acct-lapsed", start, 99)
+    status, _, headers = await _get(gateway, "/signals", "acct-lapsed")
+    assert status == 200
+    assert headers["RateLimit-Policy"].startswith('"monthly";q=100;')
     status, body, _ = await _get(gateway, "/signals", "acct-lapsed")
     assert status == 429
     assert body["error"]["details"]["tier"] == "free"
+
+
+async def test_lapsed_plan_after_its_period_counts_calendar_months(
+    start_upstream, start_gateway, redis_client: redis.Redis, clock: Clock
+) -> None:
+    gateway = await start_gateway(await _upstream_config(start_upstream))
+    ended = int(clock.now) - DAY
+    await redis_client.hset(
+        keys.plan_key("acct-gone"),
+        mapping={
+            "tier": "pro",
+            "status": "canceled",
+            "period_start": ended - 30 * DAY,
+            "period_end": ended,
+        },
+    )
+    await _set_used(redis_client, "acct-gone", ended - 30 * DAY, 5_000)
+    status, _, _ = await _get(gateway, "/signals", "acct-gone")
+    assert status == 200
+    usage = await _usage(redis_client, "acct-gone")
+    assert (usage["period_start"], usage["used"]) == (calendar_month(clock.now)[0], 1)
+    plan = await redis_client.hgetall(keys.plan_key("acct-gone"))
+    assert int(plan[b"period_end"]) == ended  # only paying plans roll forward
 
 
 async def test_route_restricted_to_tiers_refuses_others_with_403(
@@ -355,3 +381,29 @@ def test_keyslot_matches_redis_cluster_reference() -> None:
     # CLUSTER KEYSLOT values from the Redis cluster specification's examples.
     assert _keyslot("123456789") == 12739
     assert _keyslot("{user1000}.following") == _keyslot("{user1000}.followers")
+
+
+async def test_a_payment_blip_does_not_wipe_the_paid_periods_usage(
+    start_upstream, start_gateway, redis_client: redis.Redis, clock: Clock
+) -> None:
+    """Overage still to be billed must survive a plan that lapses and recovers within its
+    period; the lapse applies free rules to the same count instead of starting a new one."""
+    gateway = await start_gateway(await _upstream_config(start_upstream))
+    start, _ = await _write_plan(redis_client, "acct-blip", clock)
+    await _set_used(redis_client, "acct-blip", start, 10_000)
+    assert (await _get(gateway, "/export/pdf", "acct-blip"))[0] == 200  # 5 units of overage
+
+    await redis_client.hset(
+        keys.plan_key("acct-blip"),
+        mapping={"status": "past_due", "past_due_since": int(clock.now) - 4 * DAY},
+    )
+    status, body, _ = await _get(gateway, "/signals", "acct-blip")
+    assert status == 429  # free rules: 10,005 used is far beyond 100
+    assert body["error"]["details"]["tier"] == "free"
+    usage = await _usage(redis_client, "acct-blip")
+    assert (usage["period_start"], usage["used"], usage["overage"]) == (start, 10_005, 5)
+
+    await redis_client.hset(keys.plan_key("acct-blip"), "status", "active")
+    assert (await _get(gateway, "/signals", "acct-blip"))[0] == 200
+    usage = await _usage(redis_client, "acct-blip")
+    assert (usage["period_start"], usage["used"], usage["overage"]) == (start, 10_006, 6)
