@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import jwt
 import msgspec
 
 from config.model import Auth, Config, Route, Tier, Upstream
@@ -183,6 +182,8 @@ def _check_public_key(auth: Auth, path: str) -> None:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
+    import jwt  # only for RS/ES configs: keeps `import config` light for every command
+
     algorithms = jwt.algorithms.get_default_algorithms()
     for name in auth.algorithms:
         try:
