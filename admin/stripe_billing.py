@@ -180,17 +180,19 @@ class StripeBilling:
     ) -> SubscriptionState:
         items = self._items_for(tier)
         v1 = self.client.v1
-        await self._call(
+        # Attaching a test token (pm_card_visa) yields a new id: use what Stripe answers.
+        attached = await self._call(
             lambda: v1.payment_methods.attach_async(
                 payment_method_id,
                 {"customer": customer_id},
                 {"idempotency_key": f"{idempotency_key}:attach"},
             )
         )
+        pm_id = str(attached.id)
         await self._call(
             lambda: v1.customers.update_async(
                 customer_id,
-                {"invoice_settings": {"default_payment_method": payment_method_id}},
+                {"invoice_settings": {"default_payment_method": pm_id}},
                 {"idempotency_key": f"{idempotency_key}:default"},
             )
         )
@@ -201,7 +203,7 @@ class StripeBilling:
                     "items": [{"price": price} for price in items],
                     "payment_behavior": "default_incomplete",
                     "payment_settings": {"save_default_payment_method": "on_subscription"},
-                    "default_payment_method": payment_method_id,
+                    "default_payment_method": pm_id,
                     "metadata": {ACCOUNT_METADATA: account, "tier": tier},
                     "expand": ["latest_invoice.confirmation_secret"],
                 },
