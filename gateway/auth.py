@@ -114,9 +114,13 @@ class TokenVerifier:
         sub, exp = payload.get("sub"), payload.get("exp")
         if not isinstance(sub, str) or not sub or len(sub) > 128:
             raise AuthError("invalid token: sub must be a non-empty string")
-        if not isinstance(exp, int | float):
+        if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise AuthError("invalid token: exp must be a number")
-        return Claims(sub=sub, exp=float(exp), is_admin=payload.get("role") == "admin")
+        try:
+            exp_seconds = float(exp)
+        except OverflowError:  # a JSON integer beyond any float: PyJWT compared it as int
+            raise AuthError("invalid token: exp out of range") from None
+        return Claims(sub=sub, exp=exp_seconds, is_admin=payload.get("role") == "admin")
 
 
 def issue_token(

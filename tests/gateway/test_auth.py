@@ -347,3 +347,42 @@ async def test_verifier_maps_every_failure_to_auth_error() -> None:
         assert not invalid.value.missing
     claims = await verifier.verify_header("bearer " + make_token("acct-x", role="admin"))
     assert (claims.sub, claims.is_admin) == ("acct-x", True)
+
+
+def _signed(header: Any, payload: Any) -> str:
+    # Raw JSON segments (any shape), validly HMAC-signed with the gateway's secret.
+    def seg(obj: Any) -> str:
+        return obj if isinstance(obj, str) else _segment(obj)
+
+    signing_input = f"{seg(header)}.{seg(payload)}"
+    signature = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+HS = {"alg": "HS256", "typ": "JWT"}
+ODD_TOKENS = {
+    "header_is_a_list": _signed(_b64(b"[1,2]"), _claims()),
+    "payload_is_a_list": _signed(HS, _b64(b'["sub"]')),
+    "payload_not_json": _signed(HS, _b64(b"{nope")),
+    "exp_is_a_string": _signed(HS, _claims(exp="tomorrow")),
+    "exp_is_nan": _signed(HS, _b64(b'{"sub":"a","exp":NaN}')),
+    "exp_is_infinite": _signed(HS, _b64(b'{"sub":"a","exp":Infinity}')),
+    "exp_is_huge": _signed(HS, _claims(exp=10**400)),
+    "sub_is_null": _signed(HS, _claims(sub=None)),
+    "sub_too_long": _signed(HS, _claims(sub="a" * 129)),
+    "nbf_in_future": _signed(HS, _claims(nbf=int(time.time()) + 3600)),
+    "iat_is_a_string": _signed(HS, _claims(iat="now")),
+    "crit_header": _signed({**HS, "crit": ["exp"]}, _claims()),
+    "four_parts": make_token() + ".x",
+    "two_parts": ".".join(make_token().split(".")[:2]),
+    "huge": "a" * 6000,
+    "non_ascii": "é.é.é",
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_TOKENS))
+async def test_odd_signed_tokens_are_auth_errors_not_crashes(name: str) -> None:
+    # Only AuthError may leave the verifier: anything else becomes a 500 in the proxy.
+    verifier = TokenVerifier(Auth(), secret=SECRET)
+    with pytest.raises(AuthError):
+        await verifier.verify(ODD_TOKENS[name])
