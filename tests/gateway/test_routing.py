@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from config import Config, parse_config
 from config.paths import PatternError, parse_pattern
 from gateway.routing import MethodNotAllowed, PricedRoute, RouteTable
+from tests.conftest import auth, echo
 
 BASE = """
 [upstreams.default]
@@ -242,3 +245,48 @@ def test_static_and_tail_flags() -> None:
     assert parse_pattern("/").is_static
     tail = parse_pattern("/billing/{rest...}").segments[-1]
     assert tail.literal is None and tail.tail
+
+
+TIERED = """
+[[routes]]
+path = "/export/pdf"
+cost = 5
+tiers = ["pro"]
+[[routes]]
+path = "/export/preview"
+cost = 0
+tiers = ["pro"]
+"""
+
+
+async def _tiered_status(start_upstream, start_gateway, path: str) -> tuple[int, list[str]]:
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.StreamResponse:
+        seen.append(request.raw_path)
+        return await echo(request)
+
+    upstream = await start_upstream({"/{tail:.*}": record})
+    config = parse_config(BASE + TIERED, default_upstream_url=str(upstream.make_url("")))
+    gateway = await start_gateway(config)
+    async with aiohttp.ClientSession() as session:
+        # An account without a plan is on the free tier.
+        async with session.get(gateway.make_url(path), headers=auth("acct-free")) as resp:
+            return resp.status, seen
+
+
+async def test_tier_restricted_route_refuses_other_tiers(start_upstream, start_gateway) -> None:
+    status, seen = await _tiered_status(start_upstream, start_gateway, "/export/pdf")
+    assert status == 403
+    assert seen == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gateway/proxy.py Proxy.handle only calls store.charge (where the tier check "
+    "lives) when route.cost > 0, so a cost-0 route's tiers list is never enforced",
+)
+async def test_tier_restriction_holds_on_a_free_route(start_upstream, start_gateway) -> None:
+    status, seen = await _tiered_status(start_upstream, start_gateway, "/export/preview")
+    assert status == 403
+    assert seen == []
