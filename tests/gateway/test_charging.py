@@ -16,6 +16,8 @@ from multidict import CIMultiDict
 from config import Config
 from gateway import keys
 from gateway.periods import calendar_month, utc_day
+from gateway.redis_client import create_redis
+from gateway.redis_quota import RedisQuotaStore
 from tests.conftest import Clock, auth, echo, load_test_config, replace_section
 
 DAY = 86400
@@ -310,6 +312,30 @@ tiers = ["pro", "enterprise"]
     status, _, _ = await _get(gateway, "/signals/premium", "acct-pro-user")
     assert status == 200
     assert (await _usage(redis_client, "acct-pro-user"))["used"] == 4
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalesced", "one-by-one"])
+async def test_more_concurrent_charges_than_redis_connections_all_get_decided(
+    coalesce: bool, redis_url: str, redis_client: redis.Redis, clock: Clock
+) -> None:
+    """A burst wider than the connection pool waits for a connection; it is not a 503."""
+    config = replace_section(
+        load_test_config("http://127.0.0.1:9"), metering={"coalesce": coalesce}
+    )
+    client = create_redis(redis_url, timeout=2.0, max_connections=8)
+    store = RedisQuotaStore(client, config, clock=clock)
+    try:
+        results = await asyncio.gather(
+            *(store.charge(f"acct-wide-{i % 3}", "/signals", 1) for i in range(360)),
+            return_exceptions=True,
+        )
+    finally:
+        await store.aclose()
+        await client.aclose()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert sum(1 for r in results if r.allowed) == 300  # type: ignore[union-attr]
+    for i in range(3):
+        assert (await _usage(redis_client, f"acct-wide-{i}"))["used"] == 100
 
 
 # -- Redis details ------------------------------------------------------------------------
