@@ -10,13 +10,18 @@ immutable), so existing subscriptions keep what they signed up for.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import sys
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import msgspec
 import stripe
 
+from admin.stripe_billing import make_client
+from admin.stripe_settings import StripeSettings
 from config import Config
 
 TIER_METADATA = "metergate_tier"
@@ -155,3 +160,32 @@ async def _meter(client: stripe.StripeClient, event_name: str, note: Note) -> st
 
 def env_lines(result: SetupResult) -> list[str]:
     return [f"{name}={value}" for name, value in sorted(result.env.items())]
+
+
+def main(config: Config, env: Mapping[str, str]) -> int:
+    """The command: needs STRIPE_SECRET_KEY (and STRIPE_API_BASE for a non-Stripe server)."""
+    settings = StripeSettings.from_env(env)
+    if settings is None:
+        print("metergate: stripe-setup needs STRIPE_SECRET_KEY", file=sys.stderr)
+        return 2
+    event_name = settings.meter_event_name
+
+    async def setup() -> SetupResult:
+        async with aiohttp.ClientSession() as session:
+            client = make_client(settings, session)
+            return await run_setup(client, config, event_name=event_name, log=_stderr)
+
+    try:
+        result = asyncio.run(setup())
+    except stripe.StripeError as exc:
+        print(f"metergate: Stripe refused: {exc.user_message or exc}", file=sys.stderr)
+        return 1
+    created = len(result.created)
+    _stderr(f"{created} created, {len(result.found)} already there. Set these variables:")
+    for line in env_lines(result):
+        print(line)
+    return 0
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)

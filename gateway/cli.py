@@ -59,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate gateway.toml and the environment, then exit")
     p.set_defaults(func=_cmd_check)
+
+    p = sub.add_parser(
+        "stripe-setup", help="create the Stripe products, prices and meter once; print env vars"
+    )
+    p.set_defaults(func=_cmd_stripe_setup)
     return parser
 
 
@@ -154,6 +159,12 @@ def _cmd_admin(args: argparse.Namespace) -> int:
     from gateway.dev import run_admin
 
     return run_admin(_settings())
+
+
+def _cmd_stripe_setup(args: argparse.Namespace) -> int:
+    from admin.stripe_setup import main as stripe_setup
+
+    return stripe_setup(_settings().config, os.environ)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
