@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -158,27 +158,20 @@ class RedisQuotaStore:
             async with asyncio.timeout(self._timeout):
                 results = await self._execute(batch)
                 retry = [c for c, r in zip(batch, results, strict=True) if _noscript(r)]
+                # Settle what ran before reloading: those charges are applied, so a failure
+                # of the reload must not turn them into 503s the customer still pays for.
+                _settle((c, r) for c, r in zip(batch, results, strict=True) if not _noscript(r))
                 if retry:
                     # Not executed (the script cache was flushed, or a new server): load
                     # the scripts and run exactly those calls again.
                     for source in {c.source for c in retry}:
                         await self._redis.script_load(source)
-                    again = await self._execute(retry)
-                    by_call = dict(zip(map(id, retry), again, strict=True))
-                    results = [by_call.get(id(c), r) for c, r in zip(batch, results, strict=True)]
+                    _settle(zip(retry, await self._execute(retry), strict=True))
         except (RedisError, OSError, TimeoutError) as exc:
             error = QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}")
             for call in batch:
                 if not call.future.done():
                     call.future.set_exception(error)
-            return
-        for call, result in zip(batch, results, strict=True):
-            if call.future.done():
-                continue
-            if isinstance(result, Exception):
-                call.future.set_exception(QuotaStoreUnavailable(f"redis error: {result}"))
-            else:
-                call.future.set_result(result)
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         if len(batch) == 1:
@@ -197,6 +190,16 @@ class RedisQuotaStore:
             self._flush()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+
+
+def _settle(outcomes: Iterable[tuple[_Call, Any]]) -> None:
+    for call, result in outcomes:
+        if call.future.done():  # the caller went away
+            continue
+        if isinstance(result, Exception):
+            call.future.set_exception(QuotaStoreUnavailable(f"redis error: {result}"))
+        else:
+            call.future.set_result(result)
 
 
 def _noscript(result: object) -> bool:

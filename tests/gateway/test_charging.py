@@ -375,6 +375,27 @@ async def test_noscript_fallback_in_a_coalesced_batch(
     assert (await _usage(redis_client, "acct-nsb"))["used"] == 20
 
 
+async def test_a_batch_where_only_some_scripts_are_loaded(
+    redis_url: str, redis_client: redis.Redis, clock: Clock
+) -> None:
+    """One pipelined batch: the charge script is cached, the refund script is not yet."""
+    config = load_test_config("http://127.0.0.1:9")
+    client = create_redis(redis_url, timeout=2.0)
+    store = RedisQuotaStore(client, config, clock=clock)
+    await redis_client.script_flush()
+    try:
+        first = await store.charge("acct-mixed", "/export/pdf", 5)
+        second, refunded = await asyncio.gather(
+            store.charge("acct-mixed", "/signals", 1),
+            store.refund("acct-mixed", "/export/pdf", 5, first),
+        )
+    finally:
+        await store.aclose()
+        await client.aclose()
+    assert (first.used, second.allowed, refunded) == (5, True, 5)
+    assert (await _usage(redis_client, "acct-mixed"))["used"] == 1
+
+
 def _crc16(data: bytes) -> int:
     return binascii.crc_hqx(data, 0)
 
