@@ -2,7 +2,9 @@
 
 Keys are refreshed when the cache ages out, and on an unknown ``kid`` at most once per
 cooldown (a flood of tokens with random kids cannot turn into a flood of fetches).
-Concurrent misses share one fetch.
+Concurrent misses share one fetch. After a failed fetch the next attempt comes sooner
+(at most ``_FAILED_RETRY`` seconds), so a JWKS outage at start-up does not lock every token
+out for a whole cooldown.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import aiohttp
 import jwt
 
 log = logging.getLogger(__name__)
+
+_FAILED_RETRY = 10.0
 
 
 class JwksCache:
@@ -37,6 +41,7 @@ class JwksCache:
         self._clock = clock
         self._keys: dict[str, object] = {}
         self._fetched_at: float | None = None
+        self._last_failed = False
         self._inflight: asyncio.Future[None] | None = None
 
     async def get(self, kid: str) -> object | None:
@@ -50,7 +55,8 @@ class JwksCache:
             return key
         now = self._clock()
         stale = self._fetched_at is None or now - self._fetched_at >= self._max_age
-        cooled = self._fetched_at is None or now - self._fetched_at >= self._cooldown
+        cooldown = min(self._cooldown, _FAILED_RETRY) if self._last_failed else self._cooldown
+        cooled = self._fetched_at is None or now - self._fetched_at >= cooldown
         if stale or (key is None and cooled):
             await self.refresh()
             key = self._keys.get(kid)
@@ -77,7 +83,9 @@ class JwksCache:
             keyset = jwt.PyJWKSet.from_dict(data)
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWTError) as exc:
             log.warning("JWKS fetch from %s failed: %s", self._url, exc)
+            self._last_failed = True
             return
+        self._last_failed = False
         self._keys = {k.key_id: _public(k.key) for k in keyset.keys if k.key_id}
 
 

@@ -283,3 +283,26 @@ async def test_hanging_jwks_server_times_out(start_upstream) -> None:
         assert time.monotonic() - started < 2
     finally:
         await session.close()
+
+
+async def test_after_a_failed_fetch_the_next_try_comes_before_the_cooldown(
+    start_upstream,
+) -> None:
+    clock = Clock(1000.0)
+    jwks = JwksServer(["k1"])
+    jwks.status = 503
+    cache, session = await _cache(start_upstream, jwks, clock, cooldown=300, max_age=3600)
+    try:
+        assert await cache.get("k1") is None  # the JWKS server is down at start-up
+        clock.advance(5)
+        assert await cache.get("k1") is None  # still within the short retry: no fetch
+        assert jwks.fetches == 1
+        jwks.status = 200
+        clock.advance(5)  # 10 s after the failure, far less than the 300 s cooldown
+        assert await cache.get("k1") is not None
+        assert jwks.fetches == 2
+        clock.advance(10)
+        assert await cache.get("k-unknown") is None  # healthy again: the full cooldown
+        assert jwks.fetches == 2
+    finally:
+        await session.close()
