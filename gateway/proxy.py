@@ -105,7 +105,9 @@ class Proxy:
                 return self._finish(rm, _unauthorized(exc), started)
 
         decision: Decision | None = None
-        if claims is not None and route.cost and self._store is not None:
+        # A free route restricted to some tiers still asks the store: the plan, and so the
+        # tier, lives in Redis.
+        if claims is not None and (route.cost or route.tiers) and self._store is not None:
             try:
                 decision = await self._store.charge(
                     claims.sub, route.name, route.cost, self._allowed_tiers[route.name]
@@ -128,7 +130,8 @@ class Proxy:
                     code, denied = self._denied(decision)
                     metrics.DENIALS.labels(code).inc()
                     return self._finish(rm, denied, started)
-                rm.charged(decision.tier, route.cost)
+                if route.cost:
+                    rm.charged(decision.tier, route.cost)
 
         return await self._forward(request, route, path, query, claims, decision, rm, started)
 
@@ -210,7 +213,7 @@ class Proxy:
 
         async def refund(kind: str) -> None:
             nonlocal refunded
-            if refunded or decision is None or claims is None:
+            if refunded or decision is None or claims is None or not route.cost:
                 return
             refunded = True
             await self._refund(claims.sub, route, decision, rm, kind)

@@ -7,6 +7,7 @@
 --       3 calendar month start (s)   4 calendar month end (s)   5 cost   6 route
 --       7 daily TTL (s)      8 past_due grace (s)   9 allowed tiers ",a,b," or ""
 -- Reply: {allowed, reason, used, included, reset_s, tier, period_start, overage_units, retry_ms}
+--   cost 0 (a free route restricted to some tiers) only checks the tier
 --   reason: 0 ok, 1 quota exhausted, 2 overage cap reached, 3 rate limited, 4 tier not allowed
 
 local now_ms = tonumber(ARGV[1])
@@ -65,6 +66,11 @@ local used = same_period and (tonumber(usage[2]) or 0) or 0
 
 if ARGV[9] ~= '' and not string.find(ARGV[9], ',' .. tier .. ',', 1, true) then
   return {0, 4, used, included, reset, tier, pstart, 0, 0}
+end
+if cost == 0 then
+  -- A free route restricted to some tiers: only the tier check applies; nothing is
+  -- counted, and a used-up quota does not close a route that costs nothing.
+  return {1, 0, used, included, reset, tier, pstart, 0, 0}
 end
 
 -- GCRA: at most `burst` requests at once, then one per interval. The arrival time is kept

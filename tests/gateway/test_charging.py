@@ -338,6 +338,35 @@ async def test_more_concurrent_charges_than_redis_connections_all_get_decided(
         assert (await _usage(redis_client, f"acct-wide-{i}"))["used"] == 100
 
 
+async def test_tier_restriction_holds_on_a_route_that_costs_nothing(
+    start_upstream, start_gateway, redis_client: redis.Redis, clock: Clock
+) -> None:
+    extra = """
+[[routes]]
+path = "/signals/preview"
+methods = ["GET"]
+tiers = ["pro"]
+"""
+    gateway = await start_gateway(await _upstream_config(start_upstream, extra))
+    status, body, _ = await _get(gateway, "/signals/preview", "acct-free-preview")
+    assert (status, body["error"]["code"]) == (403, "tier_not_allowed")
+
+    start, _ = await _write_plan(redis_client, "acct-pro-preview", clock)
+    await _set_used(redis_client, "acct-pro-preview", start, 10_000)
+    status, body, _ = await _get(gateway, "/signals/preview", "acct-pro-preview")
+    assert status == 200
+    seen = {k.lower(): v for k, v in body["headers"]}
+    assert (seen["x-metergate-tier"], seen["x-metergate-units"]) == ("pro", "0")
+    assert (await _usage(redis_client, "acct-pro-preview"))["used"] == 10_000
+    assert await redis_client.exists(keys.daily_key("acct-pro-preview", utc_day(clock.now))) == 0
+
+    # Lapsed and far over the free quota: a route that costs nothing is still not closed
+    # by the quota, only by its tier list.
+    await redis_client.hset(keys.plan_key("acct-pro-preview"), "status", "canceled")
+    status, body, _ = await _get(gateway, "/signals/preview", "acct-pro-preview")
+    assert (status, body["error"]["code"]) == (403, "tier_not_allowed")
+
+
 # -- Redis details ------------------------------------------------------------------------
 
 
