@@ -295,6 +295,15 @@ async def test_portal_invoices_and_usage(
     await stripe_billing.report_usage(cid, 25, "acct-1:1:0:25", int(time.time()))
     await stripe_billing.report_usage(cid, 25, "acct-1:1:0:25", int(time.time()))
     assert stripe_double.metered_total(cid) == 25
+    # Without the idempotency key too, Stripe drops a repeated identifier.
+    await stripe_billing.client.v1.billing.meter_events.create_async(
+        {
+            "event_name": "metergate_overage_units",
+            "payload": {"stripe_customer_id": cid, "value": "25"},
+            "identifier": "acct-1:1:0:25",
+        }
+    )
+    assert stripe_double.metered_total(cid) == 25
     health = await stripe_billing.health()
     assert health["mode"] == "stripe"
     assert health["reachable"] is True

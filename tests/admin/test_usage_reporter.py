@@ -1,0 +1,195 @@
+"""Overage units charged by the gateway reach Stripe's Billing Meter exactly once."""
+
+from __future__ import annotations
+
+import redis.asyncio as redis
+
+from admin.stripe_billing import StripeBilling
+from admin.usage_reporter import PAID_ACCOUNTS, UsageReporter, usage_key
+from config import Config
+from gateway.redis_quota import RedisQuotaStore
+from tests.admin.stripe_double import StripeDouble
+from tests.conftest import Clock
+
+ROUTE = "/export/pdf"
+PERIOD = 30 * 86400
+
+
+async def paid_account(
+    account: str, billing: StripeBilling, r: redis.Redis, clock: Clock, tier: str = "pro"
+) -> tuple[str, int]:
+    """A customer at the double and the plan the app side would write, period from now."""
+    customer = await billing.ensure_customer(account)
+    start = int(clock.now)
+    await r.hset(
+        f"mg:{{{account}}}:plan",
+        mapping={
+            "tier": tier,
+            "status": "active",
+            "period_start": start,
+            "period_end": start + PERIOD,
+        },
+    )
+    await r.sadd(PAID_ACCOUNTS, account)
+    return customer, start
+
+
+async def charge(store: RedisQuotaStore, account: str, units: int) -> None:
+    decision = await store.charge(account, ROUTE, units)
+    assert decision.allowed, decision
+
+
+async def test_overage_is_reported_once_and_then_only_the_increase(
+    stripe_billing: StripeBilling,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    customer, start = await paid_account("acct-1", stripe_billing, redis_client, clock)
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
+    await charge(store, "acct-1", 10_000)  # pro includes 10,000 units
+    assert await reporter.run_once() == []
+
+    await charge(store, "acct-1", 20)
+    await charge(store, "acct-1", 5)
+    (report,) = await reporter.run_once()
+    assert (report.units, report.identifier) == (25, f"acct-1:{start}:0:25")
+    assert stripe_double.metered_total(customer) == 25
+    event = stripe_double.meter_events[report.identifier]
+    assert event["event_name"] == "metergate_overage_units"
+    assert event["payload"] == {"stripe_customer_id": customer, "value": "25"}
+    assert event["timestamp"] == int(clock.now)
+    assert await reporter.run_once() == []
+
+    await charge(store, "acct-1", 7)
+    (report,) = await reporter.run_once()
+    assert report.identifier == f"acct-1:{start}:25:32"
+    assert stripe_double.metered_total(customer) == 32
+    usage = await redis_client.hgetall(usage_key("acct-1"))
+    assert usage[b"reported"] == b"32"
+    assert b"report_pending" not in usage
+
+
+async def test_a_crash_after_sending_resends_the_same_event_and_bills_once(
+    stripe_billing: StripeBilling,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    customer, start = await paid_account("acct-1", stripe_billing, redis_client, clock)
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    await charge(store, "acct-1", 10_040)
+
+    dying = UsageReporter(redis_client, stripe_billing, clock=clock)
+    claim = await dying.claim("acct-1")
+    assert claim is not None
+    await dying.send(claim)  # Stripe has the 40 units; the process dies before committing.
+    assert stripe_double.metered_total(customer) == 40
+
+    await charge(store, "acct-1", 9)  # traffic goes on meanwhile
+    restarted = UsageReporter(redis_client, stripe_billing, clock=clock)
+    reports = await restarted.run_once()
+    # First the same claim again (same identifier: Stripe drops it), then the 9 new units.
+    assert [(r.identifier, r.units) for r in reports] == [
+        (f"acct-1:{start}:0:40", 40),
+        (f"acct-1:{start}:40:49", 9),
+    ]
+    sent = [p for _, path, p in stripe_double.requests if path == "/v1/billing/meter_events"]
+    assert [p["identifier"] for p in sent] == [
+        f"acct-1:{start}:0:40",
+        f"acct-1:{start}:0:40",
+        f"acct-1:{start}:40:49",
+    ]
+    assert len(stripe_double.meter_events) == 2
+    assert stripe_double.metered_total(customer) == 49
+    assert await restarted.run_once() == []
+
+
+async def test_a_new_period_starts_counting_from_zero(
+    stripe_billing: StripeBilling,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    customer, start = await paid_account(
+        "acct-1", stripe_billing, redis_client, clock, tier="starter"
+    )
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
+    await charge(store, "acct-1", 1_100)  # starter includes 1,000
+    (first,) = await reporter.run_once()
+    assert first.units == 100
+
+    clock.advance(PERIOD + 60)  # the renewal: charge.lua starts the next period
+    await charge(store, "acct-1", 1_003)
+    (second,) = await reporter.run_once()
+    assert (second.period_start, second.reported, second.units) == (start + PERIOD, 0, 3)
+    assert stripe_double.metered_total(customer) == 103
+
+
+async def test_stripe_down_keeps_the_claim_for_the_next_run(
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    settings = stripe_double.settings
+    billing = StripeBilling(
+        stripe_double.make_settings(
+            max_network_retries=0,
+            price_ids=settings.price_ids,
+            overage_price_ids=settings.overage_price_ids,
+            meter_event_name=settings.meter_event_name,
+        ),
+        redis_client,
+    )
+    try:
+        customer, _ = await paid_account("acct-1", billing, redis_client, clock)
+        await paid_account("acct-2", billing, redis_client, clock)
+        store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+        await charge(store, "acct-1", 10_010)
+        await charge(store, "acct-2", 10_020)
+        reporter = UsageReporter(redis_client, billing, clock=clock)
+
+        stripe_double.down = "500"
+        assert await reporter.run_once() == []
+        pending = await redis_client.hget(usage_key("acct-1"), "report_pending")
+        pending2 = await redis_client.hget(usage_key("acct-2"), "report_pending")
+        assert (pending is None) != (pending2 is None)  # stopped after the first failure
+
+        stripe_double.down = None
+        assert sorted(r.units for r in await reporter.run_once()) == [10, 20]
+        assert stripe_double.metered_total(customer) == 10
+        assert stripe_double.metered_total() == 30
+    finally:
+        await billing.aclose()
+
+
+async def test_accounts_without_a_customer_or_overage_are_skipped(
+    stripe_billing: StripeBilling,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    await redis_client.sadd(PAID_ACCOUNTS, "no-customer")
+    await redis_client.hset(
+        "mg:{no-customer}:plan",
+        mapping={
+            "tier": "pro",
+            "status": "active",
+            "period_start": int(clock.now),
+            "period_end": int(clock.now) + PERIOD,
+        },
+    )
+    await charge(store, "no-customer", 10_050)
+    await paid_account("quiet", stripe_billing, redis_client, clock)
+    await charge(store, "quiet", 10)
+    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
+    assert await reporter.run_once() == []
+    assert stripe_double.meter_event_requests == 0
