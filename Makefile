@@ -34,8 +34,9 @@ fmt: $(STAMP)
 check: $(STAMP)
 	$(BIN)/metergate check
 
+# wrk and nginx from the OS (apt-get install -y nginx wrk); e.g. BENCH_ARGS="--scaling".
 bench: $(STAMP)
-	$(BIN)/python -m loadtests.bench
+	$(BIN)/python -m loadtests.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -137,7 +137,7 @@ class _Bench:
 
     def measure(self, system: System) -> Result:
         accounts = [f"bench-{system.name}-{i}" for i in range(self.args.accounts)]
-        self._write_plans(accounts)
+        write_plans(self.redis, accounts)
         tokens = [issue_token(self.env.secret, a, ttl=3600) for a in accounts]
         script = self.env.work_dir / f"{system.name}.lua"
         wrk.write_script(script, BENCH_PATHS, tokens)
@@ -174,23 +174,6 @@ class _Bench:
             connections=self.args.connections,
             threads=self.args.threads,
         )
-
-    def _write_plans(self, accounts: list[str]) -> None:
-        # Enterprise, active, a period around now: overage keeps every request allowed.
-        now = int(time.time())
-        pipe = self.redis.pipeline(transaction=False)
-        for account in accounts:
-            pipe.hset(
-                keys.plan_key(account),
-                mapping={
-                    "tier": "enterprise",
-                    "status": "active",
-                    "period_start": now - 86400,
-                    "period_end": now + 30 * 86400,
-                    "updated_at": now,
-                },
-            )
-        pipe.execute()
 
     def _units(self, accounts: list[str]) -> tuple[int, dict[str, int]]:
         """Units in the usage hashes, and the daily units by route, summed over accounts."""
@@ -310,6 +293,24 @@ class _Bench:
             problems=problems,
             loadavg=loadavg,
         )
+
+
+def write_plans(client: redis.Redis, accounts: Sequence[str]) -> None:
+    """Enterprise, active, a period around now: overage keeps every request allowed."""
+    now = int(time.time())
+    pipe = client.pipeline(transaction=False)
+    for account in accounts:
+        pipe.hset(
+            keys.plan_key(account),
+            mapping={
+                "tier": "enterprise",
+                "status": "active",
+                "period_start": now - 86400,
+                "period_end": now + 30 * 86400,
+                "updated_at": now,
+            },
+        )
+    pipe.execute()
 
 
 def _served(before: Snapshot, after: Snapshot) -> dict[str, int]:

@@ -1,0 +1,174 @@
+"""Profile metergate under the benchmark's load with py-spy, and summarize it in text.
+
+Starts the same private Redis, backend and ``metergate gateway`` (one worker, metering on)
+as ``make bench``, drives it with wrk, records with ``py-spy record --format raw`` and
+prints the functions with the most self time, self time by module, and the inclusive time
+of the gateway's own steps. Needs py-spy (``pip install py-spy``) and, as root or with
+ptrace allowed, permission to attach.
+
+    .venv/bin/python -m loadtests.profile [--seconds 10] [--out /tmp/metergate.raw]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import redis
+
+from gateway.auth import issue_token
+from gateway.embedded_redis import EmbeddedRedis
+from loadtests import systems, wrk
+from loadtests.bench import BENCH_PATHS, write_plans
+from loadtests.procs import Child, wait_http
+
+# Inclusive time of these frames says where a request's CPU goes, step by step.
+_STEPS = {
+    "Proxy.handle": "gateway: whole request handler",
+    "TokenVerifier.verify_header": "gateway: JWT (cached)",
+    "RedisQuotaStore.charge": "gateway: charge (build args, await decision)",
+    "RedisQuotaStore._send": "gateway: pipelined Redis write + reply parsing",
+    "Proxy._forward": "gateway: forward (client request + relay)",
+    "ClientSession._request": "aiohttp client: request",
+    "Proxy._relay": "gateway: relay the answer",
+    "upstream_request_headers": "gateway: request header rewrite",
+    "client_response_headers": "gateway: response header rewrite",
+    "RouteMetrics.request": "metrics: request counter",
+    "canonicalize": "gateway: path canonicalization",
+    "RequestHandler._handle_request": "aiohttp server: handler dispatch",
+    "RequestHandler.start": "aiohttp server: connection loop",
+}
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.profile", description=__doc__)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--out", default="", help="keep py-spy's raw output here")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--rate", type=int, default=100, help="samples per second")
+    parser.add_argument("--native", action="store_true", help="include C frames")
+    args = parser.parse_args(argv)
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    wrk_bin = wrk.find_wrk()
+    if not Path(pyspy).exists() or wrk_bin is None:
+        print("profile: needs py-spy (pip install py-spy) and wrk", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="metergate-profile-") as tmp:
+        work = Path(tmp)
+        raw = Path(args.out) if args.out else work / "profile.raw"
+        with EmbeddedRedis(work / "redis", persistent=False) as server:
+            backend_port = systems.free_port()
+            backend = Child(
+                "backend",
+                [sys.executable, "-m", "loadtests.backend", str(backend_port)],
+                work,
+                cwd=systems.ROOT,
+            )
+            try:
+                wait_http(backend_port, "/__bench/stats")
+                env = systems.Environment(backend_port, server.url, secrets.token_hex(32), work)
+                accounts = [f"profile-{i}" for i in range(8)]
+                write_plans(redis.Redis.from_url(server.url), accounts)
+                script = work / "profile.lua"
+                tokens = [issue_token(env.secret, a, ttl=3600) for a in accounts]
+                wrk.write_script(script, BENCH_PATHS, tokens)
+                child, port = systems.start(systems.metergate(args.workers), env)
+                assert child is not None
+                try:
+                    _record(pyspy, wrk_bin, child.pid, port, script, raw, args)
+                finally:
+                    child.stop()
+            finally:
+                backend.stop()
+        print(summarize(raw.read_text(), args.top))
+    return 0
+
+
+def _record(
+    pyspy: str,
+    wrk_bin: str,
+    pid: int,
+    port: int,
+    script: Path,
+    raw: Path,
+    args: argparse.Namespace,
+) -> None:
+    load = threading.Thread(
+        target=wrk.run,
+        args=(wrk_bin, f"http://127.0.0.1:{port}", script),
+        kwargs={"seconds": args.seconds + 4, "connections": args.connections, "threads": 2},
+    )
+    load.start()
+    time.sleep(2)  # warm: connections open, token cache filled, scripts loaded
+    subprocess.run(
+        [pyspy, "record", "--pid", str(pid), "--format", "raw", "--function",
+         "--subprocesses", "--duration", str(round(args.seconds)), "--output", str(raw),
+         "--rate", str(args.rate), *(["--native"] if args.native else [])],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    load.join()
+
+
+def summarize(raw: str, top: int = 25) -> str:
+    """Self time by function and by module, and inclusive time of the gateway's steps."""
+    self_time: Counter[str] = Counter()
+    by_module: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [_frame(f) for f in stack.split(";")]
+        func, module = frames[-1]
+        self_time[f"{func}  [{module}]"] += count
+        by_module[module] += count
+        for step in {f for f, _ in frames if f in _STEPS}:
+            inclusive[step] += count
+    if not total:
+        return "no samples"
+    lines = [f"{total} samples", "", f"Top {top} functions by self time:"]
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in self_time.most_common(top)]
+    lines += ["", "Self time by module:"]
+    lines += [f"  {n / total:6.1%}  {name}" for name, n in by_module.most_common(top)]
+    lines += ["", "Inclusive time of the request's steps:"]
+    lines += [
+        f"  {inclusive[step] / total:6.1%}  {step}  ({what})"
+        for step, what in sorted(_STEPS.items(), key=lambda kv: -inclusive[kv[0]])
+    ]
+    return "\n".join(lines)
+
+
+def _frame(text: str) -> tuple[str, str]:
+    match = _FRAME.match(text.strip())
+    if not match:
+        return text.strip(), "?"
+    return match["func"], _module(match["file"])
+
+
+def _module(path: str) -> str:
+    if "site-packages/" in path:
+        return path.split("site-packages/", 1)[1]
+    for marker in ("/gateway/", "/config/", "/lib/python3"):
+        if marker in path:
+            return marker.strip("/") + "/" + path.split(marker, 1)[1]
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
