@@ -281,11 +281,6 @@ async def test_tier_restricted_route_refuses_other_tiers(start_upstream, start_g
     assert seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/proxy.py Proxy.handle only calls store.charge (where the tier check "
-    "lives) when route.cost > 0, so a cost-0 route's tiers list is never enforced",
-)
 async def test_tier_restriction_holds_on_a_free_route(start_upstream, start_gateway) -> None:
     status, seen = await _tiered_status(start_upstream, start_gateway, "/export/preview")
     assert status == 403
