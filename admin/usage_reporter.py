@@ -180,3 +180,23 @@ class UsageReporter:
             except Exception:
                 log.exception("usage report failed; retrying next interval")
             await asyncio.sleep(self.interval_seconds)
+
+
+async def run_reporter(
+    redis_client: redis.Redis,
+    backend: BillingBackend,
+    config: object = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    interval_seconds: float | None = None,
+) -> None:
+    """The admin app's background task (Stripe mode): report every interval until cancelled.
+
+    The interval is ``interval_seconds``, else the backend's
+    ``settings.usage_report_interval_seconds`` (STRIPE_USAGE_REPORT_INTERVAL_SECONDS).
+    """
+    if interval_seconds is None:
+        settings = getattr(backend, "settings", None)
+        interval_seconds = float(getattr(settings, "usage_report_interval_seconds", 60.0))
+    reporter = UsageReporter(redis_client, backend, interval_seconds=interval_seconds, clock=clock)
+    await reporter.run_forever()

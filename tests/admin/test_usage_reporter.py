@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import redis.asyncio as redis
 
 from admin.stripe_billing import StripeBilling
-from admin.usage_reporter import PAID_ACCOUNTS, UsageReporter, usage_key
+from admin.usage_reporter import PAID_ACCOUNTS, UsageReporter, run_reporter, usage_key
 from config import Config
 from gateway.redis_quota import RedisQuotaStore
 from tests.admin.stripe_double import StripeDouble
@@ -193,3 +196,35 @@ async def test_accounts_without_a_customer_or_overage_are_skipped(
     reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
     assert await reporter.run_once() == []
     assert stripe_double.meter_event_requests == 0
+
+
+async def test_run_reporter_reports_in_the_background_until_cancelled(
+    stripe_billing: StripeBilling,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    customer, _ = await paid_account("acct-1", stripe_billing, redis_client, clock)
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    await charge(store, "acct-1", 10_004)
+    task = asyncio.create_task(
+        run_reporter(
+            redis_client, stripe_billing, gateway_config, clock=clock, interval_seconds=0.01
+        )
+    )
+    try:
+        for _ in range(200):
+            if stripe_double.metered_total(customer) == 4:
+                break
+            await asyncio.sleep(0.01)
+        await charge(store, "acct-1", 2)
+        for _ in range(200):
+            if stripe_double.metered_total(customer) == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert stripe_double.metered_total(customer) == 6
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
