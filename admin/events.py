@@ -199,7 +199,10 @@ def interpret(event: Event, price_tiers: Mapping[str, str]) -> Meaning:
         if kind == "invoice.paid" and sub_id:
             start, end = invoice_period(obj)
             change = PlanChange(
-                account="", status="active", period_start=start, period_end=end,
+                account="",
+                status="active",
+                period_start=start,
+                period_end=end,
                 subscription_id=sub_id,
             )
         elif (

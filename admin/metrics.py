@@ -29,6 +29,4 @@ WEBHOOK_OLDEST_AGE = Gauge(
     "Age of the oldest event received and not yet applied (0 when none).",
     multiprocess_mode="max",
 )
-BILLING_ERRORS = Counter(
-    "metergate_billing_errors_total", "Billing API errors, by code.", ["code"]
-)
+BILLING_ERRORS = Counter("metergate_billing_errors_total", "Billing API errors, by code.", ["code"])

@@ -55,9 +55,7 @@ class ApplyResult(msgspec.Struct, frozen=True, kw_only=True):
     previous_status: str
 
 
-def change_from_state(
-    account: str, state: SubscriptionState, *, fresh: bool = False
-) -> PlanChange:
+def change_from_state(account: str, state: SubscriptionState, *, fresh: bool = False) -> PlanChange:
     return PlanChange(
         account=account,
         tier=state.tier,

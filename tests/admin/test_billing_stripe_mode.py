@@ -1,0 +1,245 @@
+"""The admin app in Stripe mode, end to end: the real stripe library against the Stripe
+double (tests/admin/stripe_double.py), its signed webhooks, and a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import redis.asyncio as redis
+from aiohttp.test_utils import TestServer
+
+from admin import keys
+from admin.appkeys import BILLING
+from admin.stripe_settings import StripeSettings
+from tests.admin import support
+from tests.admin.stripe_double import StripeDouble
+from tests.admin.support import StartAdmin, consumer
+from tests.conftest import Clock, auth, echo, load_test_config
+
+start_admin = support.start_admin
+
+
+def stripe_env(settings: StripeSettings) -> dict[str, str]:
+    """The environment an operator would set, pointing at the double."""
+    env = {
+        "STRIPE_SECRET_KEY": settings.secret_key,
+        "STRIPE_API_BASE": settings.api_base,
+        "STRIPE_WEBHOOK_SECRET": settings.webhook_secret or "",
+        "STRIPE_METER_EVENT_NAME": settings.meter_event_name,
+        "STRIPE_MAX_NETWORK_RETRIES": str(settings.max_network_retries),
+        "STRIPE_TIMEOUT_SECONDS": str(settings.timeout_seconds),
+        "STRIPE_CIRCUIT_FAILURES": str(settings.circuit_failure_threshold),
+        "STRIPE_CIRCUIT_COOLDOWN_SECONDS": "30",
+    }
+    for tier, price in settings.price_ids.items():
+        env[f"STRIPE_{tier.upper()}_PRICE_ID"] = price
+    for tier, price in settings.overage_price_ids.items():
+        env[f"STRIPE_{tier.upper()}_OVERAGE_PRICE_ID"] = price
+    return env
+
+
+async def start_stripe_admin(
+    start_admin: StartAdmin, double: StripeDouble, clock: Clock
+) -> TestServer:
+    double.clock = clock
+    server = await start_admin(env=stripe_env(double.settings))
+    double.webhook_url = str(server.make_url("/webhooks/stripe"))
+    return server
+
+
+async def call(
+    server: TestServer, method: str, path: str, sub: str = "acct-1", **kw: Any
+) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, server.make_url(path), headers=auth(sub), **kw) as resp,
+    ):
+        return resp.status, await resp.json()
+
+
+async def plan(client: redis.Redis, account: str = "acct-1") -> dict[str, str]:
+    raw = await client.hgetall(keys.plan_key(account))
+    return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+async def deliver_and_apply(server: TestServer, double: StripeDouble) -> None:
+    statuses = await double.deliver()
+    assert all(s == 200 for s in statuses), statuses
+    await consumer(server).drain()
+
+
+async def test_stripe_mode_is_stated(
+    start_admin: StartAdmin, stripe_double: StripeDouble, clock: Clock
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    assert server.app[BILLING].mode == "stripe"
+    _, pricing = await call(server, "GET", "/pricing")
+    assert pricing["mode"] == "stripe"
+    _, health = await call(server, "GET", "/health/billing")
+    assert health["mode"] == "stripe" and health["stripe_reachable"] is True
+
+
+async def test_subscribe_through_stripe_then_the_gateway_gives_pro(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    redis_client: redis.Redis,
+    start_gateway: Any,
+    start_upstream: Any,
+) -> None:
+    admin = await start_stripe_admin(start_admin, stripe_double, clock)
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    config = load_test_config(
+        str(upstream.make_url("")).rstrip("/"), str(admin.make_url("")).rstrip("/")
+    )
+    gateway = await start_gateway(config)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            gateway.make_url("/billing/subscribe"), json=payload, headers=auth("acct-1")
+        ) as resp:
+            body = await resp.json()
+            assert resp.status == 201, body
+        assert body["subscription"]["status"] == "active"
+        assert body["subscription"]["tier"] == "pro"
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-1")) as resp:
+            assert dict((await resp.json())["headers"])["X-Metergate-Tier"] == "pro"
+    sub_id = body["subscription"]["id"]
+    assert sub_id in stripe_double.subscriptions
+    stored = await plan(redis_client)
+    assert stored["subscription_id"] == sub_id and stored["tier"] == "pro"
+    # Stripe's own events arrive afterwards, in any order: the plan stays right.
+    events = stripe_double.take_outbox()
+    for evt in reversed(events):
+        assert await stripe_double.send_event(evt) == 200
+    await consumer(admin).drain()
+    stored = await plan(redis_client)
+    assert (stored["tier"], stored["status"]) == ("pro", "active")
+    _, status = await call(admin, "GET", "/billing/status")
+    assert status["has_subscription"] is True and status["usage"]["current"] == 1
+
+
+async def test_three_d_secure(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_authenticationRequired"}
+    status, body = await call(server, "POST", "/billing/subscribe", json=payload)
+    assert status == 201, body
+    assert body["subscription"]["status"] == "incomplete"
+    assert body["requires_action"] is True and body["client_secret"]
+    await deliver_and_apply(server, stripe_double)
+    assert (await plan(redis_client)).get("status") != "active"
+    _, st = await call(server, "GET", "/billing/status")
+    assert st["usage"]["included"] == 100  # nothing paid yet: the free tier's rules
+    stripe_double.confirm_payment(body["subscription"]["id"])
+    await deliver_and_apply(server, stripe_double)
+    stored = await plan(redis_client)
+    assert (stored["tier"], stored["status"]) == ("pro", "active")
+
+
+async def test_declined_card_is_402(
+    start_admin: StartAdmin, stripe_double: StripeDouble, clock: Clock
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_chargeDeclined"}
+    status, body = await call(server, "POST", "/billing/subscribe", json=payload)
+    assert (status, body["error"]["code"]) == (402, "card_declined")
+    assert not stripe_double.subscriptions
+
+
+async def test_upgrade_downgrade_and_cancel(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    _, body = await call(server, "POST", "/billing/subscribe", json=payload)
+    sub_id = body["subscription"]["id"]
+    for tier in ("enterprise", "starter"):
+        status, body = await call(server, "POST", "/billing/upgrade", json={"tier": tier})
+        assert status == 200, body
+        assert body["subscription"]["tier"] == tier
+        await deliver_and_apply(server, stripe_double)
+        assert (await plan(redis_client))["tier"] == tier
+    status, body = await call(server, "POST", "/billing/cancel", json={"at_period_end": True})
+    assert status == 200 and body["subscription"]["cancel_at_period_end"] is True
+    await deliver_and_apply(server, stripe_double)
+    assert (await plan(redis_client))["status"] == "active"
+    stripe_double.advance_period(sub_id)  # the period ends: Stripe deletes the subscription
+    await deliver_and_apply(server, stripe_double)
+    assert (await plan(redis_client))["status"] == "canceled"
+    assert not await redis_client.sismember(keys.PAID_ACCOUNTS, "acct-1")
+
+
+async def test_cancel_at_once(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    await call(server, "POST", "/billing/subscribe", json=payload)
+    status, body = await call(server, "POST", "/billing/cancel", json={"at_period_end": False})
+    assert status == 200 and body["subscription"]["status"] == "canceled"
+    await deliver_and_apply(server, stripe_double)
+    assert (await plan(redis_client))["status"] == "canceled"
+    _, st = await call(server, "GET", "/billing/status")
+    assert st["has_subscription"] is False
+
+
+async def test_stripe_down_fails_fast_and_the_gateway_keeps_the_plan(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    start_gateway: Any,
+    start_upstream: Any,
+) -> None:
+    admin = await start_stripe_admin(start_admin, stripe_double, clock)
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    config = load_test_config(
+        str(upstream.make_url("")).rstrip("/"), str(admin.make_url("")).rstrip("/")
+    )
+    gateway = await start_gateway(config)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    assert (await call(admin, "POST", "/billing/subscribe", json=payload))[0] == 201
+    stripe_double.down = "close"
+    for _ in range(3):  # the breaker's threshold in the test settings
+        status, body = await call(admin, "POST", "/billing/upgrade", json={"tier": "enterprise"})
+        assert (status, body["error"]["code"]) == (503, "billing_unavailable")
+    started = time.monotonic()
+    status, body = await call(admin, "GET", "/billing/invoices")
+    assert (status, body["error"]["code"]) == (503, "billing_unavailable")
+    assert time.monotonic() - started < 0.5  # the circuit is open: no call to Stripe
+    _, health = await call(admin, "GET", "/health/billing")
+    assert health["stripe_reachable"] is False
+    assert health["circuit"]["state"] == "open"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-1")) as resp:
+            assert resp.status == 200
+            assert dict((await resp.json())["headers"])["X-Metergate-Tier"] == "pro"
+
+
+async def test_concurrent_subscribes_make_one_customer_and_one_subscription(
+    start_admin: StartAdmin, stripe_double: StripeDouble, clock: Clock
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    stripe_double.latency = 0.05  # let the requests overlap at Stripe
+    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    results = await asyncio.gather(
+        *(call(server, "POST", "/billing/subscribe", json=payload) for _ in range(5))
+    )
+    assert all(status in (200, 201) for status, _ in results), results
+    assert len({body["subscription"]["id"] for _, body in results}) == 1
+    assert len(stripe_double.customers) == 1
+    live = [s for s in stripe_double.subscriptions.values() if s["status"] != "canceled"]
+    assert len(live) == 1
