@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +38,7 @@ from gateway.auth import issue_token
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.routing import PricedRoute, RouteTable
 from loadtests import systems, wrk
-from loadtests.procs import Child, cpu_seconds, wait_http
+from loadtests.procs import Child, cpu_seconds, free_port, wait_http
 from loadtests.report import Result, evaluate_targets, render, scaling_rows
 from loadtests.systems import Environment, System
 
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(tmp)
         work.chmod(0o755)  # nginx's worker runs as another user and reads its paths here
         with EmbeddedRedis(work / "redis", persistent=False) as server:
-            backend_port = systems.free_port()
+            backend_port = free_port()
             backend = Child(
                 "backend",
                 [sys.executable, "-m", "loadtests.backend", str(backend_port)],
@@ -94,9 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 client = redis.Redis.from_url(server.url)
                 bench = _Bench(args, env, client, backend, routes, wrk_bin)
                 results = []
+                failed = []
                 for index, system in enumerate(chosen, 1):
                     print(f"[{index}/{len(chosen)}] {system.name}: {system.label}", file=sys.stderr)
-                    results.append(bench.measure(system))
+                    try:
+                        results.append(bench.measure(system))
+                    except RuntimeError as exc:
+                        # One system that cannot start must not cost the others' figures.
+                        print(f"bench: {system.name} skipped: {exc}", file=sys.stderr)
+                        failed.append(system.name)
             finally:
                 backend.stop()
 
@@ -112,10 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
         "targets": targets,
         "scaling": scaling,
+        "skipped": failed,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"\nwrote {out}", file=sys.stderr)
-    return 0 if all(r.check_ok for r in results) else 1
+    return 0 if all(r.check_ok for r in results) and not failed else 1
 
 
 class _Bench:
@@ -183,7 +191,7 @@ class _Bench:
             used += int(self.redis.hget(keys.usage_key(account), "used") or 0)
             for key in self.redis.scan_iter(match=keys.daily_key(account, "*"), count=1000):
                 for route, units in self.redis.hgetall(key).items():
-                    name = route.decode()
+                    name = route.decode() if isinstance(route, bytes) else route
                     by_route[name] = by_route.get(name, 0) + int(units)
         return used, by_route
 
@@ -363,6 +371,13 @@ def _machine(wrk_bin: str) -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     nginx = systems.find_nginx()
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"],
+        cwd=systems.ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return {
         "cpu_model": model,
         "nproc": os.cpu_count(),
@@ -371,6 +386,7 @@ def _machine(wrk_bin: str) -> dict[str, Any]:
         "wrk": wrk_bin,
         "nginx": nginx or "",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": commit,  # the gateway measured, "-dirty" with uncommitted edits
     }
 
 

@@ -29,7 +29,7 @@ from gateway.auth import issue_token
 from gateway.embedded_redis import EmbeddedRedis
 from loadtests import systems, wrk
 from loadtests.bench import BENCH_PATHS, write_plans
-from loadtests.procs import Child, wait_http
+from loadtests.procs import Child, free_port, wait_http
 
 # Inclusive time of these frames says where a request's CPU goes, step by step.
 _STEPS = {
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         raw = Path(args.out) if args.out else work / "profile.raw"
         with EmbeddedRedis(work / "redis", persistent=False) as server:
-            backend_port = systems.free_port()
+            backend_port = free_port()
             backend = Child(
                 "backend",
                 [sys.executable, "-m", "loadtests.backend", str(backend_port)],

@@ -135,7 +135,7 @@ def render(
         f"{machine['cpu_model']}, {machine['nproc']} CPUs, Linux {machine['kernel']}, "
         f"Python {machine['python']}; wrk -t{settings['threads']} -c{settings['connections']}, "
         f"{settings['duration']:g} s after a {settings['warmup']:g} s warm-up, "
-        f"{settings['accounts']} accounts x 4 priced routes.",
+        f"{settings['accounts']} accounts x 4 priced routes; commit {machine['commit']}.",
         "",
         "| System | req/s | p50 ms | p99 ms | CPU µs/req | vs yardstick | vs nginx "
         "| EVALSHA/req | Redis RT/req | Redis µs/req | check |",

@@ -80,7 +80,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             config.billing.daily_usage_ttl_seconds,
             config.billing.past_due_grace_seconds,
             "",
-        )  # type: ignore[misc]
+        )
         if reply[0] != 1:
             return web.json_response({"error": "quota_exceeded"}, status=429)
 
