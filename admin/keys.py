@@ -14,6 +14,7 @@ Global indices (streams, sets, sorted sets) are single keys of their own.
 - ``mg:webhooks``             stream of verified Stripe events (consumer group ``appliers``)
 - ``mg:webhook:seen:<id>``    an event already applied (TTL)
 - ``mg:audit``                capped stream of every billing change
+- ``mg:usage:hourly:<day>``   hour -> today's total units when sampled (stats by hour)
 - ``mg:local:sub:<id>``       local mode: one subscription (hash)
 - ``mg:local:idem:<key>``     local mode: idempotency key -> subscription id
 - ``mg:local:pm:<cus>``       local mode: the customer's default payment method
@@ -77,3 +78,7 @@ def local_invoices_key(customer_id: str) -> str:
 
 def billing_lock_key(account: str) -> str:
     return f"{_tag(account)}:billing_lock"
+
+
+def hourly_usage_key(day: str) -> str:
+    return f"{PREFIX}:usage:hourly:{day}"

@@ -28,10 +28,6 @@ WINDOW_SECONDS = 30 * 86400
 PATTERN_DAYS = 30
 
 
-def _hourly_key(day: str) -> str:
-    return f"{keys.PREFIX}:usage:hourly:{day}"
-
-
 def _decode(raw: Any) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (raw or {}).items()}
 
@@ -56,12 +52,14 @@ async def sample_hourly(client: redis.Redis, now: float) -> None:
     day = utc_day(now)
     total = sum((await _scan_daily(client, day)).values())
     hour = datetime.fromtimestamp(now, UTC).hour
-    await client.hset(_hourly_key(day), f"{hour:02d}", total)
-    await client.expire(_hourly_key(day), 8 * 86400)
+    await client.hset(keys.hourly_usage_key(day), f"{hour:02d}", total)
+    await client.expire(keys.hourly_usage_key(day), 8 * 86400)
 
 
 async def by_hour(client: redis.Redis, day: str) -> dict[str, int]:
-    snapshots = {int(h): int(v) for h, v in _decode(await client.hgetall(_hourly_key(day))).items()}
+    snapshots = {
+        int(h): int(v) for h, v in _decode(await client.hgetall(keys.hourly_usage_key(day))).items()
+    }
     hours: dict[str, int] = {}
     previous = 0
     for hour in sorted(snapshots):
