@@ -86,7 +86,12 @@ class BillingBackend(Protocol):
         ...
 
     async def subscribe(
-        self, account: str, customer_id: str, tier: str, payment_method_id: str, idempotency_key: str
+        self,
+        account: str,
+        customer_id: str,
+        tier: str,
+        payment_method_id: str,
+        idempotency_key: str,
     ) -> SubscriptionState: ...
 
     async def change_tier(
