@@ -6,8 +6,10 @@ so the charge script touches one slot and runs unchanged on Redis Cluster.
 - ``mg:{acct}:plan``   hash written by the admin app: ``tier``, ``status``,
   ``period_start``, ``period_end`` (unix seconds), ``past_due_since`` (unix seconds,
   only while past_due), ``updated_at``/``event_created`` (ordering of webhook events).
-- ``mg:{acct}:usage``  hash kept by the charge script: ``period_start``, ``used`` (units
-  charged this period), ``overage`` (units beyond the included ones).
+- ``mg:{acct}:usage``  hash kept by the charge script: ``period_start``, ``period_end``,
+  ``used`` (units charged this period), ``overage`` (units beyond the included ones);
+  ``carry_*`` hold a finished period's overage not yet reported to Stripe. The usage
+  reporter adds ``reported``, ``reported_period`` and ``report_pending``.
 - ``mg:{acct}:daily:YYYY-MM-DD``  hash route -> units that day (analytics, with a TTL).
 - ``mg:{acct}:gcra``   the rate limiter's theoretical arrival time (ms).
 """

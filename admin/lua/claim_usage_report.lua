@@ -13,6 +13,14 @@ local h = redis.call('HMGET', KEYS[1], 'period_start', 'overage', 'reported',
 if pending then
   return {1, pending, h[5] or ''}
 end
+-- Overage of a period that ended before it was reported (charge.lua carried it aside).
+local c = redis.call('HMGET', KEYS[1], 'carry_period_start', 'carry_overage',
+                     'carry_reported', 'carry_period_end')
+if c[1] and (tonumber(c[2]) or 0) > (tonumber(c[3]) or 0) then
+  local carried = c[1] .. ':' .. c[3] .. ':' .. c[2]
+  redis.call('HSET', KEYS[1], 'report_pending', carried)
+  return {1, carried, c[4] or ''}
+end
 local ps = h[1]
 if not ps then return {0} end
 local overage = tonumber(h[2]) or 0

@@ -108,6 +108,18 @@ if same_period then
   redis.call('HINCRBY', KEYS[2], 'used', cost)
   if overage > 0 then redis.call('HINCRBY', KEYS[2], 'overage', overage) end
 else
+  -- A new period. Overage of the old one not yet reported to Stripe is carried aside, so
+  -- the usage reporter still bills it (admin/lua/claim_usage_report.lua) after rollover.
+  local old = redis.call('HMGET', KEYS[2], 'period_start', 'period_end', 'overage',
+                         'reported', 'reported_period')
+  if old[1] then
+    local old_overage = tonumber(old[3]) or 0
+    local old_reported = (old[5] == old[1]) and (tonumber(old[4]) or 0) or 0
+    if old_overage > old_reported then
+      redis.call('HSET', KEYS[2], 'carry_period_start', old[1], 'carry_period_end', old[2] or '',
+                 'carry_overage', old_overage, 'carry_reported', old_reported)
+    end
+  end
   redis.call('HSET', KEYS[2], 'period_start', pstart, 'period_end', pend, 'used', cost, 'overage', overage)
 end
 redis.call('HINCRBY', KEYS[3], ARGV[6], cost)

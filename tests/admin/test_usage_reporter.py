@@ -228,3 +228,61 @@ async def test_run_reporter_reports_in_the_background_until_cancelled(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_overage_charged_after_the_last_report_is_billed_after_rollover(
+    stripe_billing: StripeBilling,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    customer, start = await paid_account(
+        "acct-1", stripe_billing, redis_client, clock, tier="starter"
+    )
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
+    await charge(store, "acct-1", 1_100)  # starter includes 1,000
+    (first,) = await reporter.run_once()
+    assert first.units == 100
+    await charge(store, "acct-1", 40)  # overage the reporter has not seen yet
+
+    clock.advance(PERIOD + 60)  # the period ends before the next report
+    await charge(store, "acct-1", 1_002)
+    reports = await reporter.run_once()
+    # First the old period's last 40 units (stamped inside it), then the new period's 2.
+    assert [(r.period_start, r.reported, r.overage) for r in reports] == [
+        (start, 100, 140),
+        (start + PERIOD, 0, 2),
+    ]
+    assert stripe_double.meter_events[reports[0].identifier]["timestamp"] == start + PERIOD - 1
+    assert stripe_double.metered_total(customer) == 142
+    assert await reporter.run_once() == []
+    usage = await redis_client.hgetall(usage_key("acct-1"))
+    assert b"carry_period_start" not in usage
+
+
+async def test_a_claim_sent_just_before_rollover_is_not_billed_twice(
+    stripe_billing: StripeBilling,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    customer, start = await paid_account(
+        "acct-1", stripe_billing, redis_client, clock, tier="starter"
+    )
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
+    await charge(store, "acct-1", 1_030)
+    claim = await reporter.claim("acct-1")
+    assert claim is not None and claim.units == 30
+    await reporter.send(claim)  # sent, then the period rolls over before the commit
+    await charge(store, "acct-1", 5)  # 35 overage in the old period now
+    clock.advance(PERIOD + 60)
+    await charge(store, "acct-1", 1)
+    assert await reporter.commit(claim) == 1
+
+    reports = await reporter.run_once()
+    assert [(r.period_start, r.reported, r.overage) for r in reports] == [(start, 30, 35)]
+    assert stripe_double.metered_total(customer) == 35
