@@ -27,6 +27,20 @@ def _admin_app(settings: Settings) -> object | None:
     return app
 
 
+def _admin_upstream_follows_listen(settings: Settings) -> Settings:
+    """In `up` the admin app runs here, so the gateway's admin upstream is wherever it listens
+    (METERGATE_ADMIN_LISTEN may move it off the 8081 written in gateway.toml)."""
+    config = settings.config
+    if "admin" not in config.upstreams:
+        return settings
+    upstreams = dict(config.upstreams)
+    url = f"http://{settings.admin_host}:{settings.admin_port}"
+    upstreams["admin"] = msgspec.structs.replace(upstreams["admin"], url=url)
+    return msgspec.structs.replace(
+        settings, config=msgspec.structs.replace(config, upstreams=upstreams)
+    )
+
+
 def run_admin(settings: Settings) -> int:
     app = _admin_app(settings)
     if app is None:
@@ -40,6 +54,8 @@ def run_admin(settings: Settings) -> int:
 def run_up(settings: Settings, *, data_dir: str = "var") -> int:
     from gateway.app import create_app
     from gateway.demo_backend import create_demo_backend
+
+    settings = _admin_upstream_follows_listen(settings)
 
     warn_dev_secret(settings)
     # The demo backend serves where the default upstream points (127.0.0.1:9000 as shipped).

@@ -103,6 +103,21 @@ async def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
                     assert resp.content_type == kind
             async with session.get(f"http://127.0.0.1:{gw}/readyz") as resp:
                 assert resp.status == 200
+            # The admin app answers through the gateway on its moved port.
+            async with session.get(f"http://127.0.0.1:{gw}/pricing") as resp:
+                assert resp.status == 200
+                pricing = await resp.json()
+                assert pricing["mode"] == "local"
+            subscribe = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+            async with session.post(
+                f"http://127.0.0.1:{gw}/billing/subscribe",
+                json=subscribe,
+                headers={"Authorization": f"Bearer {token}"},
+            ) as resp:
+                assert resp.status in (200, 201), await resp.text()
+            async with session.get(url, headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200
+                assert resp.headers["RateLimit-Policy"].startswith('"monthly";q=10000;')
     finally:
         code, stderr = _stop(proc)
     assert code == 0, stderr
