@@ -23,7 +23,7 @@ Global indices (streams, sets, sorted sets) are single keys of their own.
 
 from __future__ import annotations
 
-from gateway.keys import PREFIX, plan_key, usage_key
+from gateway.keys import PREFIX, account_tag, plan_key, usage_key
 
 __all__ = ["PREFIX", "plan_key", "usage_key"]
 
@@ -36,8 +36,7 @@ WEBHOOK_GROUP = "appliers"
 AUDIT_STREAM = f"{PREFIX}:audit"
 
 
-def _tag(account: str) -> str:
-    return f"{PREFIX}:{{{account}}}"
+_tag = account_tag
 
 
 def customer_key(account: str) -> str:

@@ -31,6 +31,7 @@ from admin.billing_backend import (
     SubscriptionState,
 )
 from admin.circuit import CircuitBreaker, CircuitOpen
+from admin.keys import customer_key
 from admin.stripe_settings import StripeSettings
 
 _T = TypeVar("_T")
@@ -45,13 +46,8 @@ return 0
 """
 
 
-def customer_key(account: str) -> str:
-    """``mg:{acct}:customer``: the account's Stripe customer id (the app side reads it too)."""
-    return f"mg:{{{account}}}:customer"
-
-
 def _customer_lock_key(account: str) -> str:
-    return f"mg:{{{account}}}:customer:lock"
+    return f"{customer_key(account)}:lock"
 
 
 def _text(value: Any) -> str | None:

@@ -29,11 +29,10 @@ import redis.asyncio as redis
 from prometheus_client import Counter
 
 from admin.billing_backend import BillingBackend, BillingUnavailable, InvalidBillingRequest
-from admin.stripe_billing import customer_key
+from admin.keys import PAID_ACCOUNTS, customer_key, usage_key
 
 log = logging.getLogger("metergate.usage")
 
-PAID_ACCOUNTS = "mg:accounts:paid"
 # Stripe's limit on a meter event identifier.
 _MAX_IDENTIFIER = 100
 
@@ -43,10 +42,6 @@ REPORTED = Counter(
 REJECTED = Counter(
     "metergate_overage_units_rejected_total", "Overage units Stripe refused (see the logs)."
 )
-
-
-def usage_key(account: str) -> str:
-    return f"mg:{{{account}}}:usage"
 
 
 def _script(name: str) -> str:

@@ -19,8 +19,12 @@ from __future__ import annotations
 PREFIX = "mg"
 
 
-def _tag(account: str) -> str:
+def account_tag(account: str) -> str:
+    """``mg:{acct}``: the prefix of every key of one account (one cluster slot)."""
     return f"{PREFIX}:{{{account}}}"
+
+
+_tag = account_tag
 
 
 def plan_key(account: str) -> str:
