@@ -43,8 +43,8 @@ from admin.webhook_consumer import WebhookConsumer
 from admin.webhooks import WebhookReceiver, parse_secrets
 from config.settings import Settings
 from gateway import metrics as gateway_metrics
-from gateway.auth import TokenVerifier
-from gateway.errors import AuthError, json_error
+from gateway.auth import token_verifier
+from gateway.errors import AuthError, json_error, unauthorized
 from gateway.redis_client import create_redis
 
 log = logging.getLogger("metergate.admin")
@@ -105,10 +105,11 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     app[REDIS] = client
     app[AUDIT] = AuditLog(client, clock=app[CLOCK])
     app[PLANS] = Plans(client, app[AUDIT], clock=app[CLOCK])
-    app[VERIFIER] = TokenVerifier(
+    async with token_verifier(
         settings.config.auth, secret=settings.jwt_secret, clock=app[CLOCK]
-    )
-    yield
+    ) as verifier:
+        app[VERIFIER] = verifier
+        yield
     await client.aclose()
 
 
@@ -272,10 +273,7 @@ async def _errors(
         metrics.BILLING_ERRORS.labels(exc.code).inc()
         return json_error(exc.status, exc.code, str(exc))
     except AuthError as exc:
-        error = "" if exc.missing else ', error="invalid_token"'
-        return json_error(
-            401, "unauthorized", str(exc), headers={"WWW-Authenticate": f"Bearer{error}"}
-        )
+        return unauthorized(exc)
     except RedisError as exc:
         log.warning("admin: redis error on %s: %s", request.path, exc)
         metrics.BILLING_ERRORS.labels("store_unavailable").inc()

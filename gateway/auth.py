@@ -7,9 +7,11 @@ RS256 public key can never be used as an HS256 secret.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
+import aiohttp
 import jwt
 import msgspec
 
@@ -132,3 +134,24 @@ def issue_token(
     if admin:
         claims["role"] = "admin"
     return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+@contextlib.asynccontextmanager
+async def token_verifier(
+    auth: Auth, *, secret: str | None, clock: Callable[[], float] = time.time
+) -> AsyncIterator[TokenVerifier]:
+    """The verifier the configuration asks for, with its JWKS fetcher when there is one.
+
+    The gateway and the admin app both build theirs here, so they verify exactly alike.
+    """
+    if not auth.jwks_url:
+        yield TokenVerifier(auth, secret=secret, clock=clock)
+        return
+    async with aiohttp.ClientSession() as session:
+        jwks = JwksCache(
+            auth.jwks_url,
+            session,
+            cooldown=auth.jwks_refresh_cooldown_seconds,
+            max_age=auth.jwks_cache_seconds,
+        )
+        yield TokenVerifier(auth, secret=secret, jwks=jwks, clock=clock)

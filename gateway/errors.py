@@ -50,3 +50,12 @@ class QuotaStoreUnavailable(GatewayError):
 
 class BadPath(GatewayError):
     """The request target cannot be canonicalized unambiguously."""
+
+
+def unauthorized(exc: AuthError) -> web.Response:
+    """401 with the RFC 6750 challenge: no error code when the request had no credentials."""
+    if exc.missing:
+        challenge, code = 'Bearer realm="metergate"', "missing_token"
+    else:
+        challenge, code = 'Bearer realm="metergate", error="invalid_token"', "invalid_token"
+    return json_error(401, code, str(exc), headers={"WWW-Authenticate": challenge})

@@ -12,9 +12,11 @@ from aiohttp.test_utils import TestServer
 from admin import keys
 from admin.app import create_app
 from admin.audit import AuditLog
+from config.load import validate
 from tests.admin import support
 from tests.admin.support import StartAdmin
-from tests.conftest import Clock, auth, echo, load_test_config, make_settings
+from tests.conftest import Clock, auth, echo, load_test_config, make_settings, replace_section
+from tests.gateway.test_jwks import JwksServer, token
 
 start_admin = support.start_admin
 
@@ -289,8 +291,12 @@ async def test_billing_needs_a_valid_token(start_admin: StartAdmin) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(server.make_url("/billing/status")) as resp:
             assert resp.status == 401
-            assert (await resp.json())["error"]["code"] == "unauthorized"
-            assert resp.headers["WWW-Authenticate"] == "Bearer"
+            # The same answers as the gateway's (RFC 6750: no error code without credentials).
+            assert (await resp.json())["error"]["code"] == "missing_token"
+            assert resp.headers["WWW-Authenticate"] == 'Bearer realm="metergate"'
+        bad = {"Authorization": "Bearer not.a.token"}
+        async with session.get(server.make_url("/billing/status"), headers=bad) as resp:
+            assert (await resp.json())["error"]["code"] == "invalid_token"
         bad = {"Authorization": "Bearer not.a.token"}
         async with session.get(server.make_url("/billing/status"), headers=bad) as resp:
             assert resp.status == 401
@@ -347,3 +353,25 @@ async def test_redis_down_is_503_not_500() -> None:
         assert status == 503 and body["redis"] is False
     finally:
         await server.close()
+
+
+async def test_billing_verifies_jwks_tokens_like_the_gateway(
+    start_admin: StartAdmin, start_upstream
+) -> None:
+    jwks = JwksServer(["k1"])
+    jwks_server = await start_upstream({"/jwks": jwks.handle})
+    config = replace_section(
+        load_test_config("http://127.0.0.1:9"),
+        auth={"algorithms": ("RS256",), "jwks_url": str(jwks_server.make_url("/jwks"))},
+    )
+    validate(config)
+    server = await start_admin(config)
+    async with aiohttp.ClientSession() as session:
+        headers = {"Authorization": f"Bearer {token('k1', sub='acct-jwks')}"}
+        async with session.get(server.make_url("/billing/status"), headers=headers) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["tier"] == "free"
+        forged = {"Authorization": f"Bearer {token('k1', signer='k2')}"}
+        async with session.get(server.make_url("/billing/status"), headers=forged) as resp:
+            assert resp.status == 401
+    assert jwks.fetches == 1
