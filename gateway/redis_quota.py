@@ -23,6 +23,14 @@ from gateway import keys
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import PeriodClock
 from gateway.quota import Decision, Reason
+from gateway.redis_pipe import Call, RedisPipe, Script, address_of
+from gateway.resp import bulk, header
+
+# The raw pipeline (gateway.redis_pipe) carries charges and refunds when the client's URL
+# allows it (redis:// or unix://, RESP2); False sends everything through redis-py.
+RAW_PIPELINE = True
+# Accounts whose encoded charge keys are kept; past it the cache starts over.
+_KEY_CACHE_SIZE = 4096
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,10 @@ log = logging.getLogger(__name__)
 def _script(name: str) -> tuple[bytes, str]:
     body = resources.files("gateway").joinpath("lua", name).read_bytes()
     return body, hashlib.sha1(body).hexdigest()
+
+
+def _evalsha(sha: str, numkeys: int, nargs: int) -> bytes:
+    return header(3 + numkeys + nargs) + bulk("EVALSHA") + bulk(sha) + bulk(numkeys)
 
 
 def tier_table(config: Config) -> str:
@@ -78,13 +90,35 @@ class RedisQuotaStore:
         self._pending: list[_Call] = []
         self._on_batch = on_batch
         self._inflight: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        address = address_of(client) if RAW_PIPELINE else None
+        self._pipe = RedisPipe(address, timeout=self._timeout) if address else None
+        self._pipe_pending: list[Call] = []
+        # The constant parts of a charge, encoded once (the month's per month, a route's
+        # per route, an account's keys per account and day).
+        self._charge_script = Script(self._charge_src, self._charge_sha)
+        self._refund_script = Script(self._refund_src, self._refund_sha)
+        self._charge_head = _evalsha(self._charge_sha, 4, 9)
+        self._refund_head = _evalsha(self._refund_sha, 2, 4)
+        self._charge_tail = bulk(self._daily_ttl) + bulk(self._grace)
+        self._month: tuple[tuple[int, int], bytes] = ((0, 0), b"")
+        self._routes: dict[tuple[str, int], bytes] = {}
+        self._accounts: dict[str, tuple[str, bytes]] = {}
+        self._allowed: dict[str, bytes] = {}
 
     async def charge(
         self, account: str, route: str, cost: int, allowed_tiers: str = ""
     ) -> Decision:
         now = self._clock()
-        month_start, month_end = self._periods.month(now)
+        month = self._periods.month(now)
         day = self._periods.day(now)
+        if self._pipe is not None:
+            reply = await self._pipe_call(
+                self._charge_payload(account, route, cost, allowed_tiers, now, month, day),
+                self._charge_script,
+            )
+            return _decision(reply, day)
+        month_start, month_end = month
         args = (
             4,
             *keys.account_keys(account, day),
@@ -98,21 +132,57 @@ class RedisQuotaStore:
             self._grace,
             allowed_tiers,
         )
-        reply = await self._call(self._charge_sha, self._charge_src, args)
-        return Decision(
-            allowed=reply[0] == 1,
-            reason=Reason(reply[1]),
-            used=reply[2],
-            included=reply[3],
-            reset_seconds=reply[4],
-            tier=reply[5].decode() if isinstance(reply[5], bytes) else reply[5],
-            period_start=reply[6],
-            overage=reply[7],
-            retry_after_ms=reply[8],
-            day=day,
+        return _decision(await self._call(self._charge_sha, self._charge_src, args), day)
+
+    def _charge_payload(
+        self,
+        account: str,
+        route: str,
+        cost: int,
+        allowed_tiers: str,
+        now: float,
+        month: tuple[int, int],
+        day: str,
+    ) -> bytes:
+        cached = self._accounts.get(account)
+        if cached is None or cached[0] != day:
+            if len(self._accounts) >= _KEY_CACHE_SIZE:
+                self._accounts.clear()
+            encoded = b"".join([bulk(k) for k in keys.account_keys(account, day)])
+            cached = self._accounts[account] = (day, encoded)
+        if self._month[0] != month:
+            self._month = (month, bulk(self._tiers) + bulk(month[0]) + bulk(month[1]))
+        priced = self._routes.get((route, cost))
+        if priced is None:
+            priced = self._routes[(route, cost)] = bulk(cost) + bulk(route)
+        allowed = self._allowed.get(allowed_tiers)
+        if allowed is None:
+            allowed = self._allowed[allowed_tiers] = bulk(allowed_tiers)
+        return b"".join(
+            [
+                self._charge_head,
+                cached[1],
+                bulk(int(now * 1000)),
+                self._month[1],
+                priced,
+                self._charge_tail,
+                allowed,
+            ]
         )
 
     async def refund(self, account: str, route: str, cost: int, decision: Decision) -> int:
+        if self._pipe is not None:
+            payload = self._refund_head + b"".join(
+                [
+                    bulk(keys.usage_key(account)),
+                    bulk(keys.daily_key(account, decision.day)),
+                    bulk(decision.period_start),
+                    bulk(cost),
+                    bulk(decision.overage),
+                    bulk(route),
+                ]
+            )
+            return int(await self._pipe_call(payload, self._refund_script))
         args = (
             2,
             keys.usage_key(account),
@@ -131,12 +201,37 @@ class RedisQuotaStore:
         except (RedisError, OSError, TimeoutError):
             return False
 
+    def _pipe_call(self, payload: bytes, script: Script) -> asyncio.Future[Any]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        call = Call(future, payload, script)
+        if self._coalesce:
+            if not self._pipe_pending:
+                loop.call_soon(self._pipe_flush)
+            self._pipe_pending.append(call)
+        else:
+            self._pipe_send([call])
+        return future
+
+    def _pipe_flush(self) -> None:
+        batch, self._pipe_pending = self._pipe_pending, []
+        self._pipe_send(batch)
+
+    def _pipe_send(self, batch: list[Call]) -> None:
+        assert self._pipe is not None
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        self._pipe.send(batch)
+
     async def _call(self, sha: str, source: bytes, args: Sequence[Any]) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         call = _Call(sha, source, args, future)
         if self._coalesce:
             if not self._pending:
-                asyncio.get_running_loop().call_soon(self._flush)
+                loop.call_soon(self._flush)
             self._pending.append(call)
         else:
             self._start([call])
@@ -188,8 +283,27 @@ class RedisQuotaStore:
     async def aclose(self) -> None:
         if self._pending:
             self._flush()
+        if self._pipe_pending:
+            self._pipe_flush()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
+        if self._pipe is not None:
+            await self._pipe.aclose()
+
+
+def _decision(reply: Any, day: str) -> Decision:
+    return Decision(
+        allowed=reply[0] == 1,
+        reason=Reason(reply[1]),
+        used=reply[2],
+        included=reply[3],
+        reset_seconds=reply[4],
+        tier=reply[5].decode() if isinstance(reply[5], bytes) else reply[5],
+        period_start=reply[6],
+        overage=reply[7],
+        retry_after_ms=reply[8],
+        day=day,
+    )
 
 
 def _settle(outcomes: Iterable[tuple[_Call, Any]]) -> None:
