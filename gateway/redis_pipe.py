@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import redis.asyncio as redis
@@ -83,8 +83,8 @@ class _Connection(asyncio.Protocol):
         self.alive = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports do not derive from asyncio.Transport; they offer its methods.
+        self._transport = cast(asyncio.Transport, transport)
 
     def write(self, calls: list[Call]) -> None:
         assert self._transport is not None

@@ -1,0 +1,265 @@
+"""The raw Redis pipeline: batches, FIFO replies, connection loss, AUTH and SELECT, real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+import uvloop
+
+from gateway import keys
+from gateway.embedded_redis import find_redis_server
+from gateway.errors import QuotaStoreUnavailable
+from gateway.redis_client import create_redis
+from gateway.redis_pipe import Address, Call, RedisPipe, address_of
+from gateway.redis_quota import RedisQuotaStore
+from gateway.resp import command
+from tests.conftest import Clock, load_test_config, replace_section
+
+PASSWORD = "s3cret pass"
+
+
+class Server:
+    """A redis-server of this test's own, with whatever options the test needs."""
+
+    def __init__(self, data_dir: Path, *options: str) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.socket_path = str(data_dir / "redis.sock")
+        self.args = [
+            find_redis_server(),
+            "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(data_dir),
+            "--save", "", "--appendonly", "no", "--unixsocket", self.socket_path,
+            *options,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=5)
+            self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    box = Server(tmp_path)
+    box.start()
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+def protected(tmp_path: Path) -> Iterator[Server]:
+    box = Server(tmp_path, "--requirepass", PASSWORD)
+    box.start()
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+async def pipe(server: Server) -> AsyncIterator[RedisPipe]:
+    pipe = RedisPipe(Address(port=server.port), timeout=1.0)
+    yield pipe
+    await pipe.aclose()
+
+
+def _calls(*commands: bytes) -> list[Call]:
+    loop = asyncio.get_running_loop()
+    return [Call(loop.create_future(), c) for c in commands]
+
+
+async def _results(calls: list[Call]) -> list[Any]:
+    return await asyncio.gather(*(c.future for c in calls if c.future), return_exceptions=True)
+
+
+async def test_a_batch_is_answered_in_order(pipe: RedisPipe) -> None:
+    calls = _calls(*(command("INCRBY", "counter", i) for i in range(1, 201)))
+    pipe.send(calls)
+    assert await _results(calls) == [i * (i + 1) // 2 for i in range(1, 201)]
+
+
+async def test_an_error_reply_fails_its_call_only(pipe: RedisPipe) -> None:
+    calls = _calls(
+        command("SET", "text", "abc"),
+        command("INCR", "text"),
+        command("ECHO", "after"),
+    )
+    pipe.send(calls)
+    ok, error, after = await _results(calls)
+    assert (ok, after) == (b"OK", b"after")
+    assert isinstance(error, QuotaStoreUnavailable)
+    assert "not an integer" in str(error)
+
+
+async def test_batches_sent_back_to_back_keep_their_replies(pipe: RedisPipe) -> None:
+    batches = [_calls(*(command("ECHO", f"{b}-{i}") for i in range(b + 1))) for b in range(30)]
+    for batch in batches:
+        pipe.send(batch)
+    for b, batch in enumerate(batches):
+        assert await _results(batch) == [f"{b}-{i}".encode() for i in range(b + 1)]
+
+
+async def test_connection_lost_mid_batch_fails_the_rest_and_never_resends(
+    pipe: RedisPipe, server: Server
+) -> None:
+    # Redis closes the connection in the middle of the batch (QUIT): the INCR before it
+    # ran, the one after it never did, and must not be sent again on a new connection.
+    calls = _calls(command("INCR", "k"), command("QUIT"), command("INCR", "k"))
+    pipe.send(calls)
+    first, _quit, last = await _results(calls)
+    assert first == 1
+    assert isinstance(last, QuotaStoreUnavailable)
+    (after,) = _calls(command("GET", "k"))
+    pipe.send([after])
+    assert await after.future == b"1"  # type: ignore[misc]
+
+
+async def test_a_stopped_server_fails_fast_and_the_next_call_reconnects(
+    pipe: RedisPipe, server: Server
+) -> None:
+    warm = _calls(command("PING"))
+    pipe.send(warm)
+    assert await _results(warm) == [b"PONG"]
+    server.stop()
+    started = time.monotonic()
+    down = _calls(command("PING"), command("PING"))
+    pipe.send(down)
+    assert all(isinstance(r, QuotaStoreUnavailable) for r in await _results(down))
+    assert time.monotonic() - started < 1.0
+    server.start()
+    back = _calls(command("PING"))
+    pipe.send(back)
+    assert await _results(back) == [b"PONG"]
+
+
+async def test_a_server_that_does_not_answer_times_out_the_batch(
+    pipe: RedisPipe, server: Server
+) -> None:
+    pipe.send(warm := _calls(command("PING")))
+    await _results(warm)
+    other = redis.Redis(port=server.port)
+    try:
+        await other.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        started = time.monotonic()
+        pipe.send(slow := _calls(command("INCR", "paused")))
+        (result,) = await _results(slow)
+        assert isinstance(result, QuotaStoreUnavailable)
+        assert 0.9 < time.monotonic() - started < 1.4
+        await other.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        await other.aclose()
+
+
+async def test_password_and_database_from_the_url(protected: Server, clock: Clock) -> None:
+    url = f"redis://:{PASSWORD.replace(' ', '%20')}@127.0.0.1:{protected.port}/3"
+    client = create_redis(url, timeout=1.0)
+    assert address_of(client) == Address("127.0.0.1", protected.port, None, None, PASSWORD, 3)
+    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
+    try:
+        decisions = await asyncio.gather(
+            *(store.charge("acct-auth", "/signals", 1) for _ in range(5))
+        )
+        assert [d.used for d in sorted(decisions, key=lambda d: d.used)] == [1, 2, 3, 4, 5]
+    finally:
+        await store.aclose()
+        await client.aclose()
+    check = redis.Redis(port=protected.port, password=PASSWORD, db=3)
+    try:
+        assert await check.hget(keys.usage_key("acct-auth"), "used") == b"5"
+        await check.select(0)  # type: ignore[no-untyped-call]
+        assert await check.dbsize() == 0
+    finally:
+        await check.aclose()
+
+
+async def test_a_username_and_password_log_in_with_acl_auth(protected: Server) -> None:
+    pipe = RedisPipe(Address(port=protected.port, username="default", password=PASSWORD), timeout=1)
+    try:
+        pipe.send(calls := _calls(command("PING")))
+        assert await _results(calls) == [b"PONG"]
+    finally:
+        await pipe.aclose()
+
+
+async def test_a_wrong_password_is_unavailable_not_a_hang(protected: Server) -> None:
+    pipe = RedisPipe(Address(port=protected.port, password="wrong"), timeout=1.0)
+    try:
+        started = time.monotonic()
+        pipe.send(calls := _calls(command("PING")))
+        (result,) = await _results(calls)
+        assert isinstance(result, QuotaStoreUnavailable)
+        assert time.monotonic() - started < 0.5
+    finally:
+        await pipe.aclose()
+
+
+async def test_a_unix_socket_url(server: Server, clock: Clock) -> None:
+    client = create_redis(f"unix://{server.socket_path}?db=2", timeout=1.0)
+    assert address_of(client) == Address(path=server.socket_path, db=2)
+    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
+    try:
+        assert (await store.charge("acct-unix", "/export/pdf", 5)).used == 5
+    finally:
+        await store.aclose()
+        await client.aclose()
+
+
+def test_a_batch_on_uvloop(server: Server) -> None:
+    async def main() -> list[Any]:
+        pipe = RedisPipe(Address(port=server.port), timeout=1.0)
+        try:
+            pipe.send(calls := _calls(command("PING"), command("ECHO", "uv")))
+            return await _results(calls)
+        finally:
+            await pipe.aclose()
+
+    assert uvloop.run(main()) == [b"PONG", b"uv"]
+
+
+def test_tls_urls_stay_on_redis_py() -> None:
+    assert address_of(redis.Redis.from_url("rediss://127.0.0.1:6380/0")) is None
+
+
+@pytest.mark.parametrize("coalesce", [True, False], ids=["coalesced", "one-by-one"])
+async def test_charges_are_written_once_per_loop_iteration_unless_told_otherwise(
+    coalesce: bool, redis_url: str, redis_client: redis.Redis, clock: Clock
+) -> None:
+    config = replace_section(
+        load_test_config("http://127.0.0.1:9"), metering={"coalesce": coalesce}
+    )
+    client = create_redis(redis_url, timeout=2.0)
+    batches: list[int] = []
+    store = RedisQuotaStore(client, config, clock=clock, on_batch=batches.append)
+    try:
+        decisions = await asyncio.gather(
+            *(store.charge(f"acct-b{i % 4}", "/signals", 1) for i in range(440))
+        )
+    finally:
+        await store.aclose()
+        await client.aclose()
+    assert batches == ([440] if coalesce else [1] * 440)
+    assert sum(d.allowed for d in decisions) == 400  # 4 free accounts x 100 units
+    for i in range(4):
+        assert await redis_client.hget(keys.usage_key(f"acct-b{i}"), "used") == b"100"
