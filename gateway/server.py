@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -66,6 +67,7 @@ async def serve(
             await web.TCPSite(
                 runner, site.host, site.port, reuse_port=site.reuse_port, backlog=1024
             ).start()
+        _settle_gc()
         if started is not None:
             started()
         await stop.wait()
@@ -74,6 +76,20 @@ async def serve(
             await runner.cleanup()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+# Allocations between young-generation collections (CPython's default is 700).
+GC_THRESHOLD = 20_000
+
+
+def _settle_gc() -> None:
+    # What is alive once the sites listen (modules, config, apps) lives as long as the
+    # process: frozen, the cyclic collector stops scanning it again and again. Requests'
+    # garbage is freed by reference counting; a larger young generation only makes the
+    # collector run less often for it (it cost ~9% of a worker's CPU under load).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
 def run_workers(target: Callable[[int], None], workers: int) -> None:
