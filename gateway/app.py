@@ -22,12 +22,13 @@ from gateway.jwks import JwksCache
 from gateway.proxy import Proxy
 from gateway.redis_client import create_redis
 from gateway.redis_quota import RedisQuotaStore
+from gateway.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
 REDIS = web.AppKey("redis", redis.Redis)
-SESSIONS = web.AppKey("sessions", dict[str, aiohttp.ClientSession])
+POOLS = web.AppKey("pools", dict[str, UpstreamPool])
 STORE = web.AppKey("store", RedisQuotaStore)
 PROXY = web.AppKey("proxy", Proxy)
 
@@ -40,7 +41,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
     app = web.Application(handler_args={"max_field_size": config.limits.max_header_bytes})
     app[SETTINGS] = settings
     app.cleanup_ctx.append(_redis_ctx)
-    app.cleanup_ctx.append(_sessions_ctx)
+    app.cleanup_ctx.append(_pools_ctx)
     app.cleanup_ctx.append(_proxy_ctx(clock))
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -60,30 +61,21 @@ async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     await client.aclose()
 
 
-def _session(upstream: Upstream) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=upstream.max_connections, keepalive_timeout=30, ttl_dns_cache=300
-    )
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        sock_connect=upstream.connect_timeout_seconds,
-        sock_read=upstream.timeout_seconds,
-    )
-    # Bodies pass through untouched: no decompression, no headers the client did not send.
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
-        cookie_jar=aiohttp.DummyCookieJar(),
+def _pool(upstream: Upstream) -> UpstreamPool:
+    return UpstreamPool(
+        upstream.url,
+        max_connections=upstream.max_connections,
+        connect_timeout=upstream.connect_timeout_seconds,
+        read_timeout=upstream.timeout_seconds,
+        keepalive=30.0,
     )
 
 
-async def _sessions_ctx(app: web.Application) -> AsyncIterator[None]:
-    sessions = {name: _session(up) for name, up in app[SETTINGS].config.upstreams.items()}
-    app[SESSIONS] = sessions
+async def _pools_ctx(app: web.Application) -> AsyncIterator[None]:
+    pools = {name: _pool(up) for name, up in app[SETTINGS].config.upstreams.items()}
+    app[POOLS] = pools
     yield
-    await asyncio.gather(*(s.close() for s in sessions.values()))
+    await asyncio.gather(*(p.close() for p in pools.values()))
 
 
 def _proxy_ctx(
@@ -108,7 +100,7 @@ def _proxy_ctx(
         store = RedisQuotaStore(client, config, clock=clock, on_batch=metrics.BATCH.observe)
         failopen = FailOpenLedger(client) if config.metering.fail_open else None
         app[STORE] = store
-        app[PROXY] = Proxy(config, verifier, store, app[SESSIONS], failopen=failopen, clock=clock)
+        app[PROXY] = Proxy(config, verifier, store, app[POOLS], failopen=failopen, clock=clock)
         task = asyncio.create_task(failopen.run()) if failopen else None
         yield
         if task is not None:

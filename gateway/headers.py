@@ -26,8 +26,9 @@ UNITS = "X-Metergate-Units"
 ROLE = "X-Metergate-Role"
 VIA = "1.1 metergate"
 
-# Never forwarded upstream: aiohttp sets Host from the upstream URL and handles Expect
-# itself; the forwarding headers are rewritten by the gateway, not trusted from clients.
+# Never forwarded upstream: the upstream pool sets Host from the upstream URL and the
+# gateway's server answers Expect itself; the forwarding headers are rewritten by the
+# gateway, not trusted from clients.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "x-forwarded-host", "x-forwarded-proto"}
 
 
@@ -64,7 +65,7 @@ def upstream_request_headers(
     return out
 
 
-def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def client_response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     drop = HOP_BY_HOP | _connection_tokens(headers) | {"content-length"}
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
@@ -74,7 +75,7 @@ def client_response_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
-def _append(headers: CIMultiDictProxy[str], name: str, value: str) -> str:
+def _append(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str, value: str) -> str:
     # Repeated field lines are one comma-separated list (RFC 9110 5.3): keep every hop.
     prior = [v for v in headers.getall(name, ()) if v.strip()]
     return ", ".join([*prior, value])

@@ -10,12 +10,11 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from config.model import Config
 from gateway import headers as hdr
@@ -25,10 +24,19 @@ from gateway.errors import AuthError, BadPath, QuotaStoreUnavailable, json_error
 from gateway.failopen import FailOpenLedger
 from gateway.quota import Decision, QuotaStore, Reason
 from gateway.routing import MethodNotAllowed, PricedRoute, RouteTable, canonicalize
+from gateway.upstream import (
+    BodyCut,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 64 * 1024
+# Bodies up to this size are read whole: the request leaves with its head in one write,
+# and the answer goes to the client as one web.Response (one write) instead of three.
+_SMALL = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 _DENIAL = {
     Reason.QUOTA_EXHAUSTED: (429, "quota_exceeded"),
@@ -48,7 +56,7 @@ class Proxy:
         config: Config,
         verifier: TokenVerifier,
         store: QuotaStore | None,
-        sessions: dict[str, aiohttp.ClientSession],
+        pools: dict[str, UpstreamPool],
         *,
         failopen: FailOpenLedger | None = None,
         clock: Callable[[], float] = time.time,
@@ -57,14 +65,16 @@ class Proxy:
         self._table = RouteTable(config)
         self._verifier = verifier
         self._store = store if config.metering.enabled else None
-        self._sessions = sessions
+        self._pools = pools
         self._failopen = failopen
         self._clock = clock
         self._refund_statuses = frozenset(config.metering.refund_statuses)
         self._max_body = config.limits.max_request_body_bytes
         self._route_metrics = {r.name: metrics.RouteMetrics(r.name) for r in self._table.routes}
         self._unmatched = metrics.RouteMetrics("(unmatched)")
-        self._upstream_urls = {n: u.url.rstrip("/") for n, u in config.upstreams.items()}
+        self._upstream_prefixes = {
+            n: (urlsplit(u.url).path or "").rstrip("/") for n, u in config.upstreams.items()
+        }
         self._allowed_tiers = {
             r.name: f",{','.join(r.tiers)}," if r.tiers else "" for r in self._table.routes
         }
@@ -180,7 +190,9 @@ class Proxy:
         started: float,
     ) -> web.StreamResponse:
         upstream = route.upstream
-        target = self._upstream_urls[route.upstream_name] + path + ("?" + query if query else "")
+        target = (
+            self._upstream_prefixes[route.upstream_name] + path + ("?" + query if query else "")
+        )
         out_headers = hdr.upstream_request_headers(
             request.headers,
             keep_authorization=upstream.forward_authorization,
@@ -195,20 +207,6 @@ class Proxy:
         if decision is not None:
             out_headers[hdr.TIER] = decision.tier
             out_headers[hdr.UNITS] = str(route.cost)
-        too_large = False
-
-        async def body() -> AsyncIterator[bytes]:
-            nonlocal too_large
-            seen = 0
-            async for chunk in request.content.iter_any():
-                seen += len(chunk)
-                if seen > self._max_body:
-                    too_large = True
-                    raise _BodyTooLarge
-                yield chunk
-
-        data = body() if request.body_exists else None
-        session = self._sessions[route.upstream_name]
         refunded = False
 
         async def refund(kind: str) -> None:
@@ -218,20 +216,20 @@ class Proxy:
             refunded = True
             await self._refund(claims.sub, route, decision, rm, kind)
 
+        data: bytes | AsyncIterator[bytes] | None = None
+        if request.body_exists:
+            length = request.content_length
+            data = await request.read() if length is not None and length <= _SMALL else None
+            if data is None:
+                data = self._body(request)
         try:
-            upstream_resp = await session.request(
-                request.method,
-                URL(target, encoded=True),
-                headers=out_headers,
-                data=data,
-                allow_redirects=False,
+            upstream_resp = await self._pools[route.upstream_name].request(
+                request.method, target, out_headers, data
             )
-        except (aiohttp.ClientError, TimeoutError, _BodyTooLarge) as exc:
-            if too_large:
+        except (UpstreamError, _BodyTooLarge) as exc:
+            if isinstance(exc, _BodyTooLarge):
                 status, code, message, kind = 413, "body_too_large", "request body too large", ""
-            elif isinstance(exc, TimeoutError) and not isinstance(
-                exc, aiohttp.ConnectionTimeoutError
-            ):
+            elif isinstance(exc, UpstreamTimeout):
                 status, code, kind = 504, "upstream_timeout", "timeout"
                 message = "the backend did not answer in time"
             else:
@@ -251,40 +249,62 @@ class Proxy:
         finally:
             upstream_resp.release()
 
+    async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
+        seen = 0
+        async for chunk in request.content.iter_any():
+            seen += len(chunk)
+            if seen > self._max_body:
+                raise _BodyTooLarge
+            yield chunk
+
     async def _relay(
         self,
         request: web.Request,
-        upstream_resp: aiohttp.ClientResponse,
+        upstream_resp: UpstreamResponse,
         decision: Decision | None,
         rm: metrics.RouteMetrics,
         started: float,
-        refund: Callable[[str], object],
+        refund: Callable[[str], Awaitable[None]],
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(
-            status=upstream_resp.status,
-            reason=upstream_resp.reason,
-            headers=hdr.client_response_headers(upstream_resp.headers),
-        )
+        status = upstream_resp.status
+        headers = hdr.client_response_headers(upstream_resp.headers)
         if decision is not None:
-            resp.headers.update(_ratelimit_headers(decision, self._clock()))
-        no_body = request.method == "HEAD" or upstream_resp.status in _NO_BODY_STATUSES
+            headers.update(_ratelimit_headers(decision, self._clock()))
+        no_body = request.method == "HEAD" or status in _NO_BODY_STATUSES
         length = upstream_resp.content_length
-        if length is not None and upstream_resp.status not in _NO_BODY_STATUSES:
+        if not no_body and length is not None and length <= _SMALL:
+            try:
+                body = await upstream_resp.read_all()
+            except BodyCut as exc:
+                # Nothing was sent to the client yet: it gets an honest 502, not a cut body.
+                metrics.UPSTREAM_ERRORS.labels("stream", "truncated").inc()
+                log.warning("upstream body cut short: %r", exc)
+                await refund("truncated")
+                resp: web.StreamResponse = json_error(
+                    502, "upstream_unavailable", "the backend's answer broke off"
+                )
+                return self._finish(rm, resp, started)
+            resp = web.Response(
+                status=status, reason=upstream_resp.reason, headers=headers, body=body
+            )
+            return self._finish(rm, resp, started)
+
+        resp = web.StreamResponse(status=status, reason=upstream_resp.reason, headers=headers)
+        if length is not None and status not in _NO_BODY_STATUSES:
             resp.content_length = length
-        rm.request(resp.status)
-        rm.latency.observe(time.perf_counter() - started)
+        self._finish(rm, resp, started)
         await resp.prepare(request)
         if no_body:
             await resp.write_eof()
             return resp
         try:
-            async for chunk in upstream_resp.content.iter_chunked(_CHUNK):
+            while chunk := await upstream_resp.read():
                 await resp.write(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, TimeoutError) as exc:
+        except BodyCut as exc:
             # The backend died mid-answer: the client got a cut body, so it does not pay.
             metrics.UPSTREAM_ERRORS.labels("stream", "truncated").inc()
             log.warning("upstream body cut short: %r", exc)
-            await refund("truncated")  # type: ignore[misc]
+            await refund("truncated")
             if request.transport is not None:
                 request.transport.close()
             return resp
