@@ -216,6 +216,8 @@ class RedisPipe:
                 else:
                     _, conn = await loop.create_connection(factory, address.host, address.port)
                 await self._hello(loop, conn)
+            if not conn.alive:  # lost right after the handshake
+                raise ConnectionResetError
         except Exception as exc:  # whatever failed, the waiting calls get their 503
             if conn is not None:
                 conn.close()
