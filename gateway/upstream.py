@@ -247,6 +247,10 @@ class UpstreamPool:
                 raise UpstreamUnavailable(
                     f"all {self._max} connections to the backend are busy"
                 ) from None
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                    self._wake()  # the free slot this waiter was given goes to the next one
+                raise
             finally:
                 handle.cancel()
                 if waiter in self._waiters:

@@ -55,6 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.error: BaseException | None = None
         self._head_bytes = 0
         self._te: bytes | None = None
+        self._has_length = False
         self._headers_done = False
         self._headers_waiter: asyncio.Future[None] | None = None
         self._body: collections.deque[bytes] = collections.deque()
@@ -204,6 +205,10 @@ class UpstreamConnection(asyncio.Protocol):
     # -- llhttp callbacks -----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer to one request (in the same read as the first): the backend is
+            # out of step. The first answer stands; the connection goes.
+            raise ResponseError("data after the response")
         self.raw_headers = []
         self._te = None
         self._has_length = False
@@ -260,8 +265,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._on_complete()
 
     # -- internals ------------------------------------------------------------------------
-
-    _has_length = False
 
     def _on_complete(self) -> None:
         self.complete = True

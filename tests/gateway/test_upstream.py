@@ -1,0 +1,477 @@
+"""The upstream pool against real misbehaving backends: raw asyncio servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from multidict import CIMultiDict
+
+from gateway.upstream import (
+    BodyCut,
+    UpstreamPool,
+    UpstreamResponse,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Backend:
+    def __init__(self) -> None:
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.port = 0
+
+    def pool(self, **kw: float) -> UpstreamPool:
+        options: dict[str, float] = {
+            "max_connections": 4,
+            "connect_timeout": 1.0,
+            "read_timeout": 1.0,
+        }
+        options.update(kw)
+        return UpstreamPool(
+            f"http://127.0.0.1:{self.port}",
+            max_connections=int(options.pop("max_connections")),
+            **options,
+        )
+
+    async def head(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.requests.append(head)
+        return head
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[Callable[[Handler], Awaitable[Backend]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> Backend:
+        state = Backend()
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            state.connections += 1
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        servers.append(server)
+        state.port = server.sockets[0].getsockname()[1]
+        return state
+
+    yield start
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def _get(pool: UpstreamPool, path: str = "/x", method: str = "GET") -> bytes:
+    resp = await pool.request(method, path, CIMultiDict())
+    try:
+        return await resp.read_all()
+    finally:
+        resp.release()
+
+
+def _keep_alive(backend_state: list[Backend], answer: bytes = OK) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await backend_state[0].head(reader)
+            writer.write(answer)
+            await writer.drain()
+
+    return handler
+
+
+async def test_keep_alive_connections_are_reused_and_the_head_is_well_formed(backend) -> None:
+    ref: list[Backend] = []
+    state = await backend(_keep_alive(ref))
+    ref.append(state)
+    pool = state.pool()
+    headers = CIMultiDict({"X-Request-Id": "1", "Accept": "text/csv"})
+    for _ in range(5):
+        resp = await pool.request("GET", "/signals?a=1", headers.copy())
+        assert (resp.status, await resp.read_all()) == (200, b"ok")
+        resp.release()
+    await pool.close()
+    assert state.connections == 1
+    assert (
+        state.requests[0]
+        == (
+            f"GET /signals?a=1 HTTP/1.1\r\nHost: 127.0.0.1:{state.port}\r\n"
+            "X-Request-Id: 1\r\nAccept: text/csv\r\n\r\n"
+        ).encode()
+    )
+
+
+async def test_idle_connection_closed_by_the_backend_is_retried_once_for_get(backend) -> None:
+    """The backend closes a kept-alive connection as the next request arrives on it: the
+    request cannot have been processed, so a GET goes again on a fresh connection."""
+    ref: list[Backend] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await ref[0].head(reader)
+        if ref[0].connections == 1:
+            writer.write(OK)
+            await writer.drain()
+            await ref[0].head(reader)  # the second request: close without a byte
+            return
+        writer.write(OK)
+        await writer.drain()
+        await reader.read()
+
+    state = await backend(handler)
+    ref.append(state)
+    pool = state.pool()
+    assert await _get(pool) == b"ok"
+    assert await _get(pool) == b"ok"
+    assert state.connections == 2
+    await pool.close()
+
+
+async def test_a_post_with_a_body_is_not_retried(backend) -> None:
+    ref: list[Backend] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await ref[0].head(reader)
+        writer.write(OK)
+        await writer.drain()
+        await ref[0].head(reader)  # then close without answering
+
+    state = await backend(handler)
+    ref.append(state)
+    pool = state.pool()
+    assert await _get(pool) == b"ok"
+    with pytest.raises(UpstreamUnavailable):
+        await pool.request("POST", "/x", CIMultiDict(), b"payload")
+    assert state.connections == 1
+    await pool.close()
+
+
+async def test_idle_connection_the_backend_closed_is_not_handed_out(backend) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)
+        await writer.drain()  # and close: keep-alive promised, then broken
+
+    state = await backend(handler)
+    pool = state.pool()
+    assert await _get(pool) == b"ok"
+    await asyncio.sleep(0.05)  # connection_lost has marked it dead
+    assert await _get(pool) == b"ok"
+    assert state.connections == 2
+    await pool.close()
+
+
+async def test_early_answer_stops_the_upload_and_the_connection_is_dropped(backend) -> None:
+    ref: list[Backend] = []
+    sent = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await ref[0].head(reader)
+        writer.write(b"HTTP/1.1 413 Too Large\r\nContent-Length: 3\r\n\r\nbig")
+        await writer.drain()
+        while await reader.read(65536):
+            pass
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        while True:
+            sent += 1
+            yield b"x" * 1000
+            await asyncio.sleep(0.01)
+
+    state = await backend(handler)
+    ref.append(state)
+    pool = state.pool()
+    resp = await asyncio.wait_for(pool.request("PUT", "/u", CIMultiDict(), endless()), 2)
+    assert (resp.status, await resp.read_all()) == (413, b"big")
+    resp.release()
+    stopped_at = sent
+    await asyncio.sleep(0.05)
+    assert sent == stopped_at
+    assert b"Transfer-Encoding: chunked" in state.requests[0]
+    assert await _get(pool) == b"big"
+    assert state.connections == 2
+    await pool.close()
+
+
+async def test_streamed_chunked_body_is_framed(backend) -> None:
+    got: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        got.append(await reader.readuntil(b"0\r\n\r\n"))
+        writer.write(OK)
+        await writer.drain()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"abc"
+        yield b""
+        yield b"x" * 16
+
+    state = await backend(handler)
+    pool = state.pool()
+    resp = await pool.request("POST", "/u", CIMultiDict(), body())
+    assert await resp.read_all() == b"ok"
+    resp.release()
+    assert got == [b"3\r\nabc\r\n10\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n"]
+    await pool.close()
+
+
+async def test_interim_answers_are_skipped(backend) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        writer.write(b"HTTP/1.1 201 Created\r\nX-Final: 1\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    state = await backend(handler)
+    pool = state.pool()
+    resp = await pool.request("GET", "/x", CIMultiDict())
+    assert resp.status == 201
+    assert resp.reason == "Created"
+    assert list(resp.headers) == ["X-Final", "Content-Length"]
+    assert await resp.read_all() == b"ok"
+    resp.release()
+    await pool.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nok",
+        b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+        b"HTTP/1.1 200 OK\r\nX-Folded: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 9000 + b"\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        b"NOT HTTP\r\n\r\n",
+    ],
+    ids=[
+        "cl-and-te",
+        "duplicate-cl",
+        "signed-cl",
+        "te-not-chunked",
+        "chunked-not-final",
+        "bare-lf",
+        "obs-fold",
+        "field-too-long",
+        "upgrade",
+        "garbage",
+    ],
+)
+async def test_ambiguous_or_malformed_answers_are_refused(answer: bytes, backend) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        await reader.read()
+
+    state = await backend(handler)
+    pool = state.pool()
+    with pytest.raises(UpstreamUnavailable):
+        await pool.request("GET", "/x", CIMultiDict())
+    await pool.close()
+
+
+async def test_a_head_over_the_size_limit_is_refused(backend) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(20_000):
+            writer.write(b"X-H%d: v\r\n" % i)
+        await writer.drain()
+        await reader.read()
+
+    state = await backend(handler)
+    pool = state.pool()
+    with pytest.raises(UpstreamUnavailable):
+        await pool.request("GET", "/x", CIMultiDict())
+    await pool.close()
+
+
+async def test_a_bad_chunk_cuts_the_body_and_the_connection_is_dropped(backend) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nzz\r\n")
+            await writer.drain()
+
+    state = await backend(handler)
+    pool = state.pool()
+    resp = await pool.request("GET", "/x", CIMultiDict())
+    with pytest.raises(BodyCut):
+        await resp.read_all()
+    resp.release()
+    resp = await pool.request("GET", "/x", CIMultiDict())
+    resp.release()
+    assert state.connections == 2
+    await pool.close()
+
+
+async def test_stalls_before_the_head_and_inside_the_body_time_out(backend) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /body"):
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    state = await backend(handler)
+    pool = state.pool(read_timeout=0.2)
+    with pytest.raises(UpstreamTimeout):
+        await pool.request("GET", "/head", CIMultiDict())
+    resp = await pool.request("GET", "/body", CIMultiDict())
+    assert await resp.read() == b"abc"
+    with pytest.raises(BodyCut):
+        await resp.read()
+    resp.release()
+    await pool.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["connection-close", "http-1.0"],
+)
+async def test_connection_close_and_http_1_0_are_not_reused(answer: bytes, backend) -> None:
+    ref: list[Backend] = []
+    state = await backend(_keep_alive(ref, answer))
+    ref.append(state)
+    pool = state.pool()
+    assert await _get(pool) == b"ok"
+    assert await _get(pool) == b"ok"
+    assert state.connections == 2
+    await pool.close()
+
+
+async def test_a_body_delimited_by_the_end_of_the_connection(backend) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
+        await writer.drain()
+
+    state = await backend(handler)
+    pool = state.pool()
+    assert await _get(pool) == b"until the end"
+    await pool.close()
+
+
+async def test_head_and_no_content_answers_have_no_body(backend) -> None:
+    ref: list[Backend] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await ref[0].head(reader)
+            if head.startswith(b"HEAD"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n")
+            else:
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+            await writer.drain()
+
+    state = await backend(handler)
+    ref.append(state)
+    pool = state.pool()
+    resp = await pool.request("HEAD", "/x", CIMultiDict())
+    assert (resp.status, resp.content_length, await resp.read_all()) == (200, 1234, b"")
+    resp.release()
+    for _ in range(2):
+        resp = await pool.request("GET", "/x", CIMultiDict())
+        assert (resp.status, await resp.read_all()) == (204, b"")
+        resp.release()
+    # HEAD's connection is dropped (llhttp would wait for 1234 body bytes); 204's is reused.
+    assert state.connections == 2
+    await pool.close()
+
+
+async def test_the_pool_is_bounded_and_waits_for_a_free_connection(backend) -> None:
+    ref: list[Backend] = []
+    state = await backend(_keep_alive(ref))
+    ref.append(state)
+    pool = state.pool(max_connections=1, connect_timeout=0.2)
+    held = await pool.request("GET", "/x", CIMultiDict())
+    with pytest.raises(UpstreamUnavailable, match="busy"):
+        await pool.request("GET", "/x", CIMultiDict())
+
+    async def release_soon(resp: UpstreamResponse) -> None:
+        await asyncio.sleep(0.05)
+        await resp.read_all()
+        resp.release()
+
+    releaser = asyncio.create_task(release_soon(held))
+    assert await _get(pool) == b"ok"
+    await releaser
+    assert state.connections == 1
+    await pool.close()
+
+
+async def test_idle_connections_are_closed_after_the_keepalive(backend) -> None:
+    closed = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)
+        await writer.drain()
+        assert await reader.read() == b""
+        closed.set()
+
+    state = await backend(handler)
+    pool = state.pool(keepalive=0.1)
+    assert await _get(pool) == b"ok"
+    await asyncio.wait_for(closed.wait(), 2)
+    await pool.close()
+
+
+async def test_refused_connection_is_unavailable() -> None:
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    pool = UpstreamPool(
+        f"http://127.0.0.1:{port}", max_connections=1, connect_timeout=1, read_timeout=1
+    )
+    with pytest.raises(UpstreamUnavailable, match="cannot connect"):
+        await pool.request("GET", "/x", CIMultiDict())
+    await pool.close()
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
+async def test_line_breaks_in_header_values_never_leave(value: str, backend) -> None:
+    ref: list[Backend] = []
+    state = await backend(_keep_alive(ref))
+    ref.append(state)
+    pool = state.pool()
+    with pytest.raises(UpstreamUnavailable):
+        await pool.request("GET", "/x", CIMultiDict({"X-Metergate-Account": value}))
+    await pool.close()
+    assert state.requests == []
+
+
+async def test_a_second_answer_to_one_request_drops_the_connection(backend) -> None:
+    ref: list[Backend] = []
+    state = await backend(
+        _keep_alive(ref, OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge")
+    )
+    ref.append(state)
+    pool = state.pool()
+    assert await _get(pool) == b"ok"
+    assert await _get(pool) == b"ok"
+    assert state.connections == 2
+    await pool.close()
