@@ -9,47 +9,37 @@ Never resent: a connection lost or timed out with calls in flight fails all of t
 QuotaStoreUnavailable (a charge Redis may have applied must not be applied twice), and the
 next call connects again. A NOSCRIPT reply means the call did not run, so that call alone is
 sent again, once, after SCRIPT LOAD.
+
+The connection is borrowed from the redis-py client's pool, connected there (AUTH, SELECT),
+so it lives and dies with that client: closing the client closes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
 
 import hiredis
 import redis.asyncio as redis
-from redis.asyncio.connection import Connection, UnixDomainSocketConnection
+from redis.asyncio.connection import (
+    AbstractConnection,
+    Connection,
+    UnixDomainSocketConnection,
+)
 
 from gateway.errors import QuotaStoreUnavailable
 from gateway.resp import command
 
 
-@dataclass(frozen=True, slots=True)
-class Address:
-    host: str = "127.0.0.1"
-    port: int = 6379
-    path: str | None = None  # a unix socket instead of host:port
-    username: str | None = None
-    password: str | None = None
-    db: int = 0
-
-
-def address_of(client: redis.Redis) -> Address | None:
-    """Where the client connects, or None when this pipeline cannot (TLS, RESP3, ...)."""
+def supports(client: redis.Redis) -> bool:
+    """Whether this pipeline can carry the client's traffic (plain TCP or unix, RESP2)."""
     pool = client.connection_pool
-    kw = pool.connection_kwargs
-    if kw.get("protocol") not in (None, 2, "2") or kw.get("credential_provider"):
-        return None
-    username, password = kw.get("username"), kw.get("password")
-    db = int(kw.get("db") or 0)
-    if pool.connection_class is Connection:
-        host, port = str(kw.get("host", "localhost")), int(kw.get("port", 6379))
-        return Address(host, port, None, username, password, db)
-    if pool.connection_class is UnixDomainSocketConnection:
-        return Address(path=str(kw["path"]), username=username, password=password, db=db)
-    return None
+    return pool.connection_class in (Connection, UnixDomainSocketConnection) and (
+        pool.connection_kwargs.get("protocol") in (None, 2, "2")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +60,19 @@ class Call:
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, pipe: RedisPipe, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    def __init__(
+        self,
+        pipe: RedisPipe,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        transport: asyncio.BaseTransport,
+    ) -> None:
         self._pipe, self._loop, self._timeout = pipe, loop, timeout
-        self._transport: asyncio.Transport | None = None
+        # uvloop's transports do not derive from asyncio.Transport; they offer its methods.
+        self._transport: asyncio.Transport | None = cast(asyncio.Transport, transport)
+        # redis-py's stream protocol, told when the connection ends so its side closes too.
+        self._original = transport.get_protocol()
+        transport.set_protocol(self)
         self._reader = hiredis.Reader()
         self._waiting: deque[Call] = deque()
         # (calls sent once this batch was written, its deadline); one timer watches the oldest.
@@ -81,10 +81,6 @@ class _Connection(asyncio.Protocol):
         self._received = 0
         self._timer: asyncio.TimerHandle | None = None
         self.alive = True
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not derive from asyncio.Transport; they offer its methods.
-        self._transport = cast(asyncio.Transport, transport)
 
     def write(self, calls: list[Call]) -> None:
         assert self._transport is not None
@@ -148,13 +144,14 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self._original.connection_lost(exc)
         self.fail(QuotaStoreUnavailable("redis unavailable: connection lost"))
 
     def fail(self, error: QuotaStoreUnavailable) -> None:
         if not self.alive:
             return
         self.alive = False
-        self._pipe.lost(self)
+        self._pipe.lost(self, broken=True)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -169,24 +166,28 @@ class _Connection(asyncio.Protocol):
     def futures(self) -> list[asyncio.Future[Any]]:
         return [c.future for c in self._waiting if c.future is not None]
 
-    def close(self) -> None:
+    def detach(self) -> None:
+        """Give the connection back to redis-py, every reply read (for the pool to reuse)."""
         self.alive = False
-        self._pipe.lost(self)
         if self._timer is not None:
             self._timer.cancel()
         if self._transport is not None:
-            self._transport.close()
+            self._transport.set_protocol(self._original)
+            self._transport = None
+        self._pipe.lost(self, broken=False)
 
 
 class RedisPipe:
     """Sends batches of pre-encoded commands on one persistent connection, in order."""
 
-    def __init__(self, address: Address, *, timeout: float) -> None:
-        self._address = address
+    def __init__(self, client: redis.Redis, *, timeout: float) -> None:
+        self._pool = client.connection_pool
         self._timeout = timeout
         self._conn: _Connection | None = None
+        self._borrowed: AbstractConnection | None = None
         self._queue: list[Call] = []  # waiting for the connection
         self._connecting: asyncio.Task[None] | None = None
+        self._returning: set[asyncio.Task[None]] = set()
 
     def send(self, calls: list[Call]) -> None:
         conn = self._conn
@@ -197,30 +198,41 @@ class RedisPipe:
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
-    def lost(self, conn: _Connection) -> None:
-        if self._conn is conn:
-            self._conn = None
+    def lost(self, conn: _Connection, *, broken: bool) -> None:
+        if self._conn is not conn:
+            return
+        self._conn = None
+        borrowed, self._borrowed = self._borrowed, None
+        if borrowed is not None:
+            task = asyncio.get_running_loop().create_task(self._give_back(borrowed, broken=broken))
+            self._returning.add(task)
+            task.add_done_callback(self._returning.discard)
+
+    async def _give_back(self, borrowed: AbstractConnection, *, broken: bool) -> None:
+        try:
+            if broken:
+                await borrowed.disconnect(nowait=True)
+        finally:
+            await self._pool.release(borrowed)
+        if broken:
+            # The server went away or hung: the pool's idle connections are as dead as this
+            # one, and redis-py would hand them to the next ping or command unnoticed.
+            with contextlib.suppress(Exception):
+                await self._pool.disconnect(inuse_connections=False)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
-        address = self._address
-        conn: _Connection | None = None
-
-        def factory() -> _Connection:
-            return _Connection(self, loop, self._timeout)
-
+        borrowed: AbstractConnection | None = None
         try:
             async with asyncio.timeout(self._timeout):
-                if address.path is not None:
-                    _, conn = await loop.create_unix_connection(factory, address.path)
-                else:
-                    _, conn = await loop.create_connection(factory, address.host, address.port)
-                await self._hello(loop, conn)
-            if not conn.alive:  # lost right after the handshake
+                borrowed = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+            writer = getattr(borrowed, "_writer", None)
+            transport = writer.transport if writer is not None else None
+            if transport is None or transport.is_closing():
                 raise ConnectionResetError
         except Exception as exc:  # whatever failed, the waiting calls get their 503
-            if conn is not None:
-                conn.close()
+            if borrowed is not None:
+                await self._give_back(borrowed, broken=True)
             error = QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}")
             queue, self._queue = self._queue, []
             for call in queue:
@@ -229,37 +241,22 @@ class RedisPipe:
             return
         finally:
             self._connecting = None
-        self._conn = conn
+        self._borrowed = borrowed
+        self._conn = conn = _Connection(self, loop, self._timeout, transport)
         queue, self._queue = self._queue, []
         if queue:
             conn.write(queue)
-
-    async def _hello(self, loop: asyncio.AbstractEventLoop, conn: _Connection) -> None:
-        address = self._address
-        commands = []
-        if address.password is not None:
-            auth = (address.username, address.password) if address.username else (address.password,)
-            commands.append(command("AUTH", *auth))
-        if address.db:
-            commands.append(command("SELECT", address.db))
-        if not commands:
-            return
-        calls = [Call(loop.create_future(), c) for c in commands]
-        conn.write(calls)
-        results = await asyncio.gather(
-            *(c.future for c in calls if c.future), return_exceptions=True
-        )
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
 
     async def aclose(self) -> None:
         if self._connecting is not None:
             await asyncio.gather(self._connecting, return_exceptions=True)
         conn = self._conn
-        if conn is None:
-            return
-        # Let the calls in flight be answered (the timeout bounds this), then close.
-        if futures := conn.futures():
-            await asyncio.gather(*futures, return_exceptions=True)
-        conn.close()
+        if conn is not None:
+            # Let the calls in flight be answered (the timeout bounds this), then give the
+            # connection back to the pool.
+            if futures := conn.futures():
+                await asyncio.gather(*futures, return_exceptions=True)
+            if conn.alive:
+                conn.detach()
+        if self._returning:
+            await asyncio.gather(*self._returning, return_exceptions=True)

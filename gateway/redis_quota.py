@@ -23,7 +23,7 @@ from gateway import keys
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import PeriodClock
 from gateway.quota import Decision, Reason
-from gateway.redis_pipe import Call, RedisPipe, Script, address_of
+from gateway.redis_pipe import Call, RedisPipe, Script, supports
 from gateway.resp import bulk, header
 
 # The raw pipeline (gateway.redis_pipe) carries charges and refunds when the client's URL
@@ -91,8 +91,8 @@ class RedisQuotaStore:
         self._on_batch = on_batch
         self._inflight: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        address = address_of(client) if RAW_PIPELINE else None
-        self._pipe = RedisPipe(address, timeout=self._timeout) if address else None
+        raw = RAW_PIPELINE and supports(client)
+        self._pipe = RedisPipe(client, timeout=self._timeout) if raw else None
         self._pipe_pending: list[Call] = []
         # The constant parts of a charge, encoded once (the month's per month, a route's
         # per route, an account's keys per account and day).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import subprocess
 import time
@@ -18,7 +19,7 @@ from gateway import keys
 from gateway.embedded_redis import find_redis_server
 from gateway.errors import QuotaStoreUnavailable
 from gateway.redis_client import create_redis
-from gateway.redis_pipe import Address, Call, RedisPipe, address_of
+from gateway.redis_pipe import Call, RedisPipe, supports
 from gateway.redis_quota import RedisQuotaStore
 from gateway.resp import command
 from tests.conftest import Clock, load_test_config, replace_section
@@ -80,9 +81,11 @@ def protected(tmp_path: Path) -> Iterator[Server]:
 
 @pytest.fixture
 async def pipe(server: Server) -> AsyncIterator[RedisPipe]:
-    pipe = RedisPipe(Address(port=server.port), timeout=1.0)
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+    pipe = RedisPipe(client, timeout=1.0)
     yield pipe
     await pipe.aclose()
+    await client.aclose()
 
 
 def _calls(*commands: bytes) -> list[Call]:
@@ -175,7 +178,7 @@ async def test_a_server_that_does_not_answer_times_out_the_batch(
 async def test_password_and_database_from_the_url(protected: Server, clock: Clock) -> None:
     url = f"redis://:{PASSWORD.replace(' ', '%20')}@127.0.0.1:{protected.port}/3"
     client = create_redis(url, timeout=1.0)
-    assert address_of(client) == Address("127.0.0.1", protected.port, None, None, PASSWORD, 3)
+    assert supports(client)
     store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
     try:
         decisions = await asyncio.gather(
@@ -195,16 +198,19 @@ async def test_password_and_database_from_the_url(protected: Server, clock: Cloc
 
 
 async def test_a_username_and_password_log_in_with_acl_auth(protected: Server) -> None:
-    pipe = RedisPipe(Address(port=protected.port, username="default", password=PASSWORD), timeout=1)
+    client = create_redis(f"redis://default:{PASSWORD}@127.0.0.1:{protected.port}", timeout=1.0)
+    pipe = RedisPipe(client, timeout=1.0)
     try:
         pipe.send(calls := _calls(command("PING")))
         assert await _results(calls) == [b"PONG"]
     finally:
         await pipe.aclose()
+        await client.aclose()
 
 
 async def test_a_wrong_password_is_unavailable_not_a_hang(protected: Server) -> None:
-    pipe = RedisPipe(Address(port=protected.port, password="wrong"), timeout=1.0)
+    client = create_redis(f"redis://:wrong@127.0.0.1:{protected.port}", timeout=1.0)
+    pipe = RedisPipe(client, timeout=1.0)
     try:
         started = time.monotonic()
         pipe.send(calls := _calls(command("PING")))
@@ -213,11 +219,12 @@ async def test_a_wrong_password_is_unavailable_not_a_hang(protected: Server) -> 
         assert time.monotonic() - started < 0.5
     finally:
         await pipe.aclose()
+        await client.aclose()
 
 
 async def test_a_unix_socket_url(server: Server, clock: Clock) -> None:
     client = create_redis(f"unix://{server.socket_path}?db=2", timeout=1.0)
-    assert address_of(client) == Address(path=server.socket_path, db=2)
+    assert supports(client)
     store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
     try:
         assert (await store.charge("acct-unix", "/export/pdf", 5)).used == 5
@@ -228,18 +235,21 @@ async def test_a_unix_socket_url(server: Server, clock: Clock) -> None:
 
 def test_a_batch_on_uvloop(server: Server) -> None:
     async def main() -> list[Any]:
-        pipe = RedisPipe(Address(port=server.port), timeout=1.0)
+        client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+        pipe = RedisPipe(client, timeout=1.0)
         try:
             pipe.send(calls := _calls(command("PING"), command("ECHO", "uv")))
             return await _results(calls)
         finally:
             await pipe.aclose()
+            await client.aclose()
 
     assert uvloop.run(main()) == [b"PONG", b"uv"]
 
 
 def test_tls_urls_stay_on_redis_py() -> None:
-    assert address_of(redis.Redis.from_url("rediss://127.0.0.1:6380/0")) is None
+    assert not supports(redis.Redis.from_url("rediss://127.0.0.1:6380/0"))
+    assert not supports(redis.Redis.from_url("redis://127.0.0.1:6379/0", protocol=3))
 
 
 @pytest.mark.parametrize("coalesce", [True, False], ids=["coalesced", "one-by-one"])
@@ -263,3 +273,24 @@ async def test_charges_are_written_once_per_loop_iteration_unless_told_otherwise
     assert sum(d.allowed for d in decisions) == 400  # 4 free accounts x 100 units
     for i in range(4):
         assert await redis_client.hget(keys.usage_key(f"acct-b{i}"), "used") == b"100"
+
+
+async def test_the_connection_goes_back_to_the_clients_pool(server: Server, clock: Clock) -> None:
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0, max_connections=1)
+    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
+    try:
+        assert (await store.charge("acct-pool", "/signals", 1)).used == 1
+        await store.aclose()
+        # The only connection of the pool served the pipeline; redis-py can use it again.
+        assert await client.hget(keys.usage_key("acct-pool"), "used") == b"1"
+    finally:
+        await client.aclose()
+
+
+async def test_closing_the_client_closes_a_store_never_closed(server: Server, clock: Clock) -> None:
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
+    assert (await store.charge("acct-left", "/signals", 1)).used == 1
+    await client.aclose()  # no unclosed transport is left behind (warnings are errors)
+    await asyncio.sleep(0.01)
+    gc.collect()
