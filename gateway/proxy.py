@@ -219,9 +219,8 @@ class Proxy:
         data: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
             length = request.content_length
-            data = await request.read() if length is not None and length <= _SMALL else None
-            if data is None:
-                data = self._body(request)
+            small = length is not None and length <= _SMALL
+            data = await request.read() if small else self._body(request)
         try:
             upstream_resp = await self._pools[route.upstream_name].request(
                 request.method, target, out_headers, data
