@@ -102,9 +102,8 @@ class RedisQuotaStore:
         self._refund_head = _evalsha(self._refund_sha, 2, 4)
         self._charge_tail = bulk(self._daily_ttl) + bulk(self._grace)
         self._month: tuple[tuple[int, int], bytes] = ((0, 0), b"")
-        self._routes: dict[tuple[str, int], bytes] = {}
+        self._routes: dict[tuple[str, int, str], bytes] = {}
         self._accounts: dict[str, tuple[str, bytes]] = {}
-        self._allowed: dict[str, bytes] = {}
 
     async def charge(
         self, account: str, route: str, cost: int, allowed_tiers: str = ""
@@ -144,31 +143,25 @@ class RedisQuotaStore:
         month: tuple[int, int],
         day: str,
     ) -> bytes:
-        cached = self._accounts.get(account)
-        if cached is None or cached[0] != day:
+        # Three cached segments around the one argument that changes every time (now):
+        # EVALSHA, sha, numkeys and the keys; the tier table and the month; cost, route,
+        # TTL, grace and allowed tiers (ARGV 5..9 are adjacent).
+        head = self._accounts.get(account)
+        if head is None or head[0] != day:
             if len(self._accounts) >= _KEY_CACHE_SIZE:
                 self._accounts.clear()
             encoded = b"".join([bulk(k) for k in keys.account_keys(account, day)])
-            cached = self._accounts[account] = (day, encoded)
+            head = self._accounts[account] = (day, self._charge_head + encoded)
         if self._month[0] != month:
             self._month = (month, bulk(self._tiers) + bulk(month[0]) + bulk(month[1]))
-        priced = self._routes.get((route, cost))
-        if priced is None:
-            priced = self._routes[(route, cost)] = bulk(cost) + bulk(route)
-        allowed = self._allowed.get(allowed_tiers)
-        if allowed is None:
-            allowed = self._allowed[allowed_tiers] = bulk(allowed_tiers)
-        return b"".join(
-            [
-                self._charge_head,
-                cached[1],
-                bulk(int(now * 1000)),
-                self._month[1],
-                priced,
-                self._charge_tail,
-                allowed,
-            ]
-        )
+        tail = self._routes.get((route, cost, allowed_tiers))
+        if tail is None:
+            if len(self._routes) >= _KEY_CACHE_SIZE:
+                self._routes.clear()
+            tail = bulk(cost) + bulk(route) + self._charge_tail + bulk(allowed_tiers)
+            self._routes[(route, cost, allowed_tiers)] = tail
+        now_ms = b"%d" % int(now * 1000)
+        return b"%b$%d\r\n%b\r\n%b%b" % (head[1], len(now_ms), now_ms, self._month[1], tail)
 
     async def refund(self, account: str, route: str, cost: int, decision: Decision) -> int:
         if self._pipe is not None:
@@ -291,18 +284,29 @@ class RedisQuotaStore:
             await self._pipe.aclose()
 
 
+_REASONS = tuple(Reason)  # indexed by the script's reason code
+assert all(reason == code for code, reason in enumerate(_REASONS))
+_TIERS: dict[bytes, str] = {}  # the script only answers tiers of the tier table
+
+
 def _decision(reply: Any, day: str) -> Decision:
+    tier = reply[5]
+    if isinstance(tier, bytes):
+        name = _TIERS.get(tier)
+        if name is None:
+            name = _TIERS[tier] = tier.decode()
+        tier = name
     return Decision(
-        allowed=reply[0] == 1,
-        reason=Reason(reply[1]),
-        used=reply[2],
-        included=reply[3],
-        reset_seconds=reply[4],
-        tier=reply[5].decode() if isinstance(reply[5], bytes) else reply[5],
-        period_start=reply[6],
-        overage=reply[7],
-        retry_after_ms=reply[8],
-        day=day,
+        reply[0] == 1,
+        _REASONS[reply[1]],
+        reply[2],
+        reply[3],
+        reply[4],
+        tier,
+        reply[6],
+        reply[7],
+        reply[8],
+        day,
     )
 
 

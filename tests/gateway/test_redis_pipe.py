@@ -294,3 +294,24 @@ async def test_closing_the_client_closes_a_store_never_closed(server: Server, cl
     await client.aclose()  # no unclosed transport is left behind (warnings are errors)
     await asyncio.sleep(0.01)
     gc.collect()
+
+
+@pytest.mark.parametrize("allowed", ["", ",pro,enterprise,"])
+def test_a_charge_is_encoded_exactly_as_redis_py_encodes_it(allowed: str) -> None:
+    from redis.connection import Connection
+
+    config = load_test_config("http://127.0.0.1:9")
+    store = RedisQuotaStore(redis.Redis(), config)
+    now, month, day = 1_790_000_000.123, (1_788_220_800, 1_790_812_800), "2026-09-21"
+    billing = config.billing
+    args = (
+        "EVALSHA", store._charge_sha, 4, *keys.account_keys("acct-é", day), int(now * 1000),
+        store._tiers, *month, 2, "/signals/history/{symbol}", billing.daily_usage_ttl_seconds,
+        billing.past_due_grace_seconds, allowed,
+    )  # fmt: skip
+    expected = b"".join(Connection().pack_command(*args))
+    for _ in range(2):  # built, then from the caches
+        payload = store._charge_payload(
+            "acct-é", "/signals/history/{symbol}", 2, allowed, now, month, day
+        )
+        assert payload == expected
