@@ -116,8 +116,9 @@ else
     local old_overage = tonumber(old[3]) or 0
     local old_reported = (old[5] == old[1]) and (tonumber(old[4]) or 0) or 0
     if old_overage > old_reported then
-      redis.call('HSET', KEYS[2], 'carry_period_start', old[1], 'carry_period_end', old[2] or '',
-                 'carry_overage', old_overage, 'carry_reported', old_reported)
+      redis.call('HSET', KEYS[2], 'carry_period_start', old[1], 'carry_overage', old_overage,
+                 'carry_reported', old_reported)
+      if old[2] then redis.call('HSET', KEYS[2], 'carry_period_end', old[2]) end
     end
   end
   redis.call('HSET', KEYS[2], 'period_start', pstart, 'period_end', pend, 'used', cost, 'overage', overage)

@@ -118,6 +118,10 @@ async def test_paid_period_rolls_forward_without_a_renewal_event(
         "period_end": rolled + length,
         "used": 3,
         "overage": 0,
+        # The old period's 50 overage units were never reported: kept for the reporter.
+        "carry_period_start": start,
+        "carry_overage": 50,
+        "carry_reported": 0,
     }
 
 
