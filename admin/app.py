@@ -41,7 +41,7 @@ from admin.plans import Plans
 from admin.stats import compute_stats, sample_hourly
 from admin.webhook_consumer import WebhookConsumer
 from admin.webhooks import WebhookReceiver, parse_secrets
-from config.settings import Settings
+from config.settings import DEFAULT_REDIS_URL, Settings
 from gateway import metrics as gateway_metrics
 from gateway.auth import token_verifier
 from gateway.errors import AuthError, json_error, unauthorized
@@ -49,7 +49,6 @@ from gateway.redis_client import create_redis
 
 log = logging.getLogger("metergate.admin")
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 REDIS_TIMEOUT_SECONDS = 2.0
 HOURLY_SAMPLE_SECONDS = 300.0
 LOCAL_RENEW_SECONDS = 60.0

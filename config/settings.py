@@ -18,6 +18,8 @@ from config.model import Config
 # Used only when METERGATE_JWT_SECRET is unset; every entry point says so loudly.
 DEV_JWT_SECRET = "metergate-dev-secret-not-for-production"
 DEFAULT_CONFIG_PATH = "gateway.toml"
+# Where `metergate gateway` and `metergate admin` look when METERGATE_REDIS_URL is unset.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,16 +9,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
-import aiohttp
 import redis.asyncio as redis
 from aiohttp import web
 
 from config.model import Upstream
-from config.settings import Settings
+from config.settings import DEFAULT_REDIS_URL, Settings
 from gateway import metrics
-from gateway.auth import TokenVerifier
+from gateway.auth import token_verifier
 from gateway.failopen import FailOpenLedger
-from gateway.jwks import JwksCache
 from gateway.proxy import Proxy
 from gateway.redis_client import create_redis
 from gateway.redis_quota import RedisQuotaStore
@@ -31,8 +29,6 @@ REDIS = web.AppKey("redis", redis.Redis)
 POOLS = web.AppKey("pools", dict[str, UpstreamPool])
 STORE = web.AppKey("store", RedisQuotaStore)
 PROXY = web.AppKey("proxy", Proxy)
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
@@ -86,32 +82,20 @@ def _proxy_ctx(
         settings = app[SETTINGS]
         config = settings.config
         client = app[REDIS]
-        jwks_session: aiohttp.ClientSession | None = None
-        jwks = None
-        if config.auth.jwks_url:
-            jwks_session = aiohttp.ClientSession()
-            jwks = JwksCache(
-                config.auth.jwks_url,
-                jwks_session,
-                cooldown=config.auth.jwks_refresh_cooldown_seconds,
-                max_age=config.auth.jwks_cache_seconds,
-            )
-        verifier = TokenVerifier(config.auth, secret=settings.jwt_secret, jwks=jwks, clock=clock)
         store = RedisQuotaStore(client, config, clock=clock, on_batch=metrics.BATCH.observe)
         failopen = FailOpenLedger(client) if config.metering.fail_open else None
         app[STORE] = store
-        app[PROXY] = Proxy(config, verifier, store, app[POOLS], failopen=failopen, clock=clock)
-        task = asyncio.create_task(failopen.run()) if failopen else None
-        yield
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            assert failopen is not None
-            await failopen.flush()
-        await store.aclose()
-        if jwks_session is not None:
-            await jwks_session.close()
+        async with token_verifier(config.auth, secret=settings.jwt_secret, clock=clock) as v:
+            app[PROXY] = Proxy(config, v, store, app[POOLS], failopen=failopen, clock=clock)
+            task = asyncio.create_task(failopen.run()) if failopen else None
+            yield
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if failopen is not None:
+                await failopen.flush()
+            await store.aclose()
 
     return ctx
 

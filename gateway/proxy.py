@@ -20,7 +20,7 @@ from config.model import Config
 from gateway import headers as hdr
 from gateway import metrics
 from gateway.auth import Claims, TokenVerifier
-from gateway.errors import AuthError, BadPath, QuotaStoreUnavailable, json_error
+from gateway.errors import AuthError, BadPath, QuotaStoreUnavailable, json_error, unauthorized
 from gateway.failopen import FailOpenLedger
 from gateway.quota import Decision, QuotaStore, Reason
 from gateway.routing import MethodNotAllowed, PricedRoute, RouteTable, canonicalize
@@ -112,7 +112,7 @@ class Proxy:
                 claims = await self._verifier.verify_header(request.headers.get("Authorization"))
             except AuthError as exc:
                 metrics.DENIALS.labels("unauthorized").inc()
-                return self._finish(rm, _unauthorized(exc), started)
+                return self._finish(rm, unauthorized(exc), started)
 
         decision: Decision | None = None
         # A free route restricted to some tiers still asks the store: the plan, and so the
@@ -330,17 +330,6 @@ class Proxy:
             return
         if units:
             rm.refunds.inc(units)
-
-
-def _unauthorized(exc: AuthError) -> web.Response:
-    if exc.missing:
-        # RFC 6750 3.1: no error code when the request carried no credentials.
-        challenge = 'Bearer realm="metergate"'
-        code = "missing_token"
-    else:
-        challenge = 'Bearer realm="metergate", error="invalid_token"'
-        code = "invalid_token"
-    return json_error(401, code, str(exc), headers={"WWW-Authenticate": challenge})
 
 
 def _ratelimit_headers(decision: Decision, now: float) -> CIMultiDict[str]:
