@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -13,6 +14,7 @@ import jwt
 import msgspec
 import pytest
 import redis.asyncio as redis
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -188,3 +190,10 @@ async def start_gateway(
     yield start
     for server in servers:
         await server.close()
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The suite runs on uvloop, the loop `metergate` runs on in production."""
+    return {"uvloop": uvloop.new_event_loop}
