@@ -20,9 +20,11 @@ from typing import Any
 
 Json = dict[str, Any]
 
+# Stripe's official example objects, vendored (fixtures/README.md); STRIPE_FIXTURES3 may
+# point at a newer copy.
 FIXTURES_PATH = Path(
     os.environ.get("STRIPE_FIXTURES3")
-    or Path(__file__).resolve().parents[3] / "shared" / "stripe" / "fixtures3.json"
+    or Path(__file__).resolve().parent / "fixtures" / "stripe_fixtures3.json"
 )
 
 

@@ -1,6 +1,6 @@
 """Helpers for the admin app's tests: start it on loopback, build and sign Stripe events.
 
-Events are Stripe's official examples (``../shared/stripe/fixtures3.json``) deep-copied with
+Events are Stripe's official examples (``fixtures/stripe_fixtures3.json``) deep-copied with
 the fields a test cares about overridden, and signed exactly as Stripe signs them.
 """
 
@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,11 +21,10 @@ from admin.app import create_app
 from admin.appkeys import CONSUMER
 from admin.webhook_consumer import WebhookConsumer
 from config import Config
-from tests.conftest import ROOT, Clock, load_test_config, make_settings
+from tests.admin.stripe_objects import FIXTURES_PATH
+from tests.conftest import Clock, load_test_config, make_settings
 
-FIXTURES = ROOT.parent / "shared" / "stripe" / "fixtures3.json"
-if not FIXTURES.exists():  # pragma: no cover - the checkout sits elsewhere
-    FIXTURES = Path("/work/shared/stripe/fixtures3.json")
+FIXTURES = FIXTURES_PATH
 WEBHOOK_SECRET = "whsec_test_0123456789abcdef"
 OLD_SECRET = "whsec_test_old_secret_fedcba9876"
 LOCAL_ENV: dict[str, str] = {"STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET}
