@@ -42,6 +42,7 @@ def _admin_upstream_follows_listen(settings: Settings) -> Settings:
 
 
 def run_admin(settings: Settings) -> int:
+    warn_dev_secret(settings)
     app = _admin_app(settings)
     if app is None:
         log.error("the admin app is not part of this build")
