@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -18,6 +19,7 @@ from config.model import Config
 # Used only when METERGATE_JWT_SECRET is unset; every entry point says so loudly.
 DEV_JWT_SECRET = "metergate-dev-secret-not-for-production"
 DEFAULT_CONFIG_PATH = "gateway.toml"
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 # Where `metergate gateway` and `metergate admin` look when METERGATE_REDIS_URL is unset.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -63,8 +65,14 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if workers == 0:
         workers = os.cpu_count() or 1
     redis_url = env.get("METERGATE_REDIS_URL") or None
-    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("METERGATE_REDIS_URL: expected redis://, rediss:// or unix:// URL")
+    if redis_url is not None and not redis_url.startswith(_REDIS_SCHEMES):
+        raise ConfigError(
+            "METERGATE_REDIS_URL: expected redis://, rediss://, unix://, redis+cluster:// "
+            "or rediss+cluster:// URL"
+        )
+    cluster = urlsplit(redis_url or "")
+    if cluster.scheme.endswith("+cluster") and cluster.path.strip("/") not in ("", "0"):
+        raise ConfigError("METERGATE_REDIS_URL: a Redis Cluster has only database 0")
     secret = env.get("METERGATE_JWT_SECRET") or ""
     _check_secret_length(secret, config)
     return Settings(

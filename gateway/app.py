@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
-import redis.asyncio as redis
 from aiohttp import web
 
 from config.model import Upstream
@@ -18,14 +17,14 @@ from gateway import metrics
 from gateway.auth import token_verifier
 from gateway.failopen import FailOpenLedger
 from gateway.proxy import Proxy
-from gateway.redis_client import create_redis
+from gateway.redis_client import RedisClient, create_client
 from gateway.redis_quota import RedisQuotaStore
 from gateway.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
-REDIS = web.AppKey("redis", redis.Redis)
+REDIS = web.AppKey[RedisClient]("redis")
 POOLS = web.AppKey("pools", dict[str, UpstreamPool])
 STORE = web.AppKey("store", RedisQuotaStore)
 PROXY = web.AppKey("proxy", Proxy)
@@ -48,7 +47,7 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    client = create_redis(
+    client = create_client(
         settings.redis_url or DEFAULT_REDIS_URL,
         timeout=settings.config.metering.redis_timeout_seconds,
     )

@@ -11,17 +11,15 @@ import logging
 import time
 from collections import Counter
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
-
 from gateway import keys, metrics
+from gateway.redis_client import REDIS_ERRORS, RedisClient
 
 log = logging.getLogger(__name__)
 _Field = bytes | bytearray | memoryview | str | int | float
 
 
 class FailOpenLedger:
-    def __init__(self, client: redis.Redis, *, interval: float = 1.0, maxlen: int = 100_000):
+    def __init__(self, client: RedisClient, *, interval: float = 1.0, maxlen: int = 100_000):
         self._redis = client
         self._interval = interval
         self._maxlen = maxlen
@@ -56,7 +54,7 @@ class FailOpenLedger:
                 }
                 pipe.xadd(keys.FAILOPEN_KEY, fields, maxlen=self._maxlen, approximate=True)
             await pipe.execute()
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_ERRORS:
             self._tally.update(tally)
             self._since = since
             return False

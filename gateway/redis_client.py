@@ -1,10 +1,35 @@
-"""One place that turns a Redis URL into a client with the gateway's failure behaviour."""
+"""One place that turns a Redis URL into a client with the gateway's failure behaviour.
+
+``redis://``, ``rediss://`` and ``unix://`` give a plain client; ``redis+cluster://`` and
+``rediss+cluster://`` give a Redis Cluster client seeded from the URL's host and port.
+"""
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError
+
+RedisClient: TypeAlias = redis.Redis | RedisCluster
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+# What a failing Redis may raise: the cluster client's own errors (slot not covered, no
+# node reachable at start) do not derive from RedisError.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+def is_cluster_url(url: str) -> bool:
+    return url.startswith(CLUSTER_SCHEMES)
+
+
+def create_client(url: str, *, timeout: float, max_connections: int = 64) -> RedisClient:
+    """A cluster client for a ``+cluster`` URL, else a plain one (see create_redis)."""
+    if is_cluster_url(url):
+        return create_cluster(url, timeout=timeout, max_connections=max_connections)
+    return create_redis(url, timeout=timeout, max_connections=max_connections)
 
 
 def create_redis(url: str, *, timeout: float, max_connections: int = 64) -> redis.Redis:
@@ -23,3 +48,23 @@ def create_redis(url: str, *, timeout: float, max_connections: int = 64) -> redi
         health_check_interval=0,
     )
     return redis.Redis.from_pool(pool)
+
+
+def create_cluster(url: str, *, timeout: float, max_connections: int = 64) -> RedisCluster:
+    # The client-level retry (0 attempts) is the one that would re-send a command after a
+    # connection error or a cluster-down reply; off, for the same reason as create_redis.
+    # MOVED and ASK are still followed: a redirected command was not executed. Node
+    # connections never retry (redis-py builds them with 0 retries). max_connections is
+    # per node, and unlike the blocking pool a burst beyond it fails at once (the quota
+    # store bounds its batches in flight below it).
+    # reinitialize_steps=0: on MOVED, patch that slot's owner rather than close the whole
+    # client every fifth redirect, which would cut the connections of charges in flight.
+    return RedisCluster.from_url(
+        url.replace("+cluster", "", 1),
+        max_connections=max_connections,
+        reinitialize_steps=0,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+        health_check_interval=0,
+    )

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeGuard, cast
 
 import hiredis
 import redis.asyncio as redis
@@ -34,8 +34,11 @@ from gateway.errors import QuotaStoreUnavailable
 from gateway.resp import command
 
 
-def supports(client: redis.Redis) -> bool:
+def supports(client: object) -> TypeGuard[redis.Redis]:
     """Whether this pipeline can carry the client's traffic (plain TCP or unix, RESP2)."""
+    # A cluster client routes each key to its node; this pipeline has one connection.
+    if not isinstance(client, redis.Redis):
+        return False
     pool = client.connection_pool
     return pool.connection_class in (Connection, UnixDomainSocketConnection) and (
         pool.connection_kwargs.get("protocol") in (None, 2, "2")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from config.model import Config
@@ -23,14 +23,20 @@ from gateway import keys
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import PeriodClock
 from gateway.quota import Decision, Reason
+from gateway.redis_client import REDIS_ERRORS, RedisClient
 from gateway.redis_pipe import Call, RedisPipe, Script, supports
 from gateway.resp import bulk, header
 
 # The raw pipeline (gateway.redis_pipe) carries charges and refunds when the client's URL
-# allows it (redis:// or unix://, RESP2); False sends everything through redis-py.
+# allows it (redis:// or unix://, RESP2, not a cluster); False sends everything through
+# redis-py.
 RAW_PIPELINE = True
 # Accounts whose encoded charge keys are kept; past it the cache starts over.
 _KEY_CACHE_SIZE = 4096
+# Batches in flight through redis-py at once. A cluster node's pool does not wait for a
+# free connection, it fails; each batch holds at most one connection per node, so this
+# stays below the per-node pool (create_client's 64) with room for pings and flushes.
+_MAX_INFLIGHT = 48
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +77,7 @@ class _Call:
 class RedisQuotaStore:
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         config: Config,
         *,
         clock: Callable[[], float] = time.time,
@@ -90,9 +96,11 @@ class RedisQuotaStore:
         self._pending: list[_Call] = []
         self._on_batch = on_batch
         self._inflight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(_MAX_INFLIGHT)
         self._loop: asyncio.AbstractEventLoop | None = None
-        raw = RAW_PIPELINE and supports(client)
-        self._pipe = RedisPipe(client, timeout=self._timeout) if raw else None
+        self._pipe = (
+            RedisPipe(client, timeout=self._timeout) if RAW_PIPELINE and supports(client) else None
+        )
         self._pipe_pending: list[Call] = []
         # The constant parts of a charge, encoded once (the month's per month, a route's
         # per route, an account's keys per account and day).
@@ -191,7 +199,7 @@ class RedisQuotaStore:
         try:
             async with asyncio.timeout(self._timeout):
                 return bool(await self._redis.ping())
-        except (RedisError, OSError, TimeoutError):
+        except REDIS_ERRORS:
             return False
 
     def _pipe_call(self, payload: bytes, script: Script) -> asyncio.Future[Any]:
@@ -243,7 +251,11 @@ class RedisQuotaStore:
         if self._on_batch is not None:
             self._on_batch(len(batch))
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._timeout), self._slots:
+                if isinstance(self._redis, RedisCluster):
+                    # Learn the slot map first (a no-op once known): before it, redis-py
+                    # sends a script to any node and each MOVED costs a round trip.
+                    await self._redis.initialize()
                 results = await self._execute(batch)
                 retry = [c for c, r in zip(batch, results, strict=True) if _noscript(r)]
                 # Settle what ran before reloading: those charges are applied, so a failure
@@ -251,11 +263,17 @@ class RedisQuotaStore:
                 _settle((c, r) for c, r in zip(batch, results, strict=True) if not _noscript(r))
                 if retry:
                     # Not executed (the script cache was flushed, or a new server): load
-                    # the scripts and run exactly those calls again.
+                    # the scripts and run exactly those calls again. A cluster client
+                    # sends SCRIPT LOAD to every primary, so the node that answered
+                    # NOSCRIPT has it too.
                     for source in {c.source for c in retry}:
                         await self._redis.script_load(source)
                     _settle(zip(retry, await self._execute(retry), strict=True))
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:
+            # Whatever the client raises fails the waiting calls: one left unsettled would
+            # hold its request forever. Only the expected kinds go unlogged.
+            if not isinstance(exc, REDIS_ERRORS):
+                log.error("redis client failed: %r", exc, exc_info=exc)
             error = QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}")
             for call in batch:
                 if not call.future.done():
@@ -265,9 +283,11 @@ class RedisQuotaStore:
         if len(batch) == 1:
             call = batch[0]
             try:
-                return [await self._redis.execute_command("EVALSHA", call.sha, *call.args)]  # type: ignore[no-untyped-call]
+                return [await self._redis.execute_command("EVALSHA", call.sha, *call.args)]
             except NoScriptError as exc:
                 return [exc]
+        # A cluster pipeline groups the calls by their keys' node (every key of a call
+        # shares the account's hash tag) and follows MOVED/ASK; it re-sends nothing else.
         pipe = self._redis.pipeline(transaction=False)
         for call in batch:
             pipe.execute_command("EVALSHA", call.sha, *call.args)
