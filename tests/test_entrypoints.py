@@ -167,3 +167,18 @@ async def test_gateway_workers_share_port_and_metrics(
     finally:
         code, stderr = _stop(proc, signal.SIGTERM)
     assert code == 0, stderr
+
+
+def test_admin_refuses_a_cluster_url_in_one_line() -> None:
+    result = subprocess.run(
+        [METERGATE, "admin"],
+        env=_env(METERGATE_REDIS_URL="redis+cluster://127.0.0.1:7000", METERGATE_JWT_SECRET=SECRET),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "metergate: config error: METERGATE_REDIS_URL: the admin app does not support "
+        "Redis Cluster yet; give it a plain redis:// URL"
+    ]
