@@ -110,7 +110,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 def _gateway_worker(index: int) -> None:
     # Runs in a spawned worker process: settings are read again from the same environment.
-    from gateway.app import create_app
+    from gateway.app import create_app, direct_handler
     from gateway.server import Site, run, serve
 
     settings = load_settings()
@@ -120,6 +120,7 @@ def _gateway_worker(index: int) -> None:
         settings.gateway_port,
         reuse_port=settings.workers > 1,
         runner_args=gateway_runner_args(settings),
+        handler=direct_handler,
     )
     run(serve([site]))
 

@@ -55,7 +55,7 @@ def run_admin(settings: Settings) -> int:
 
 
 def run_up(settings: Settings, *, data_dir: str = "var") -> int:
-    from gateway.app import create_app
+    from gateway.app import create_app, direct_handler
     from gateway.demo_backend import create_demo_backend
 
     settings = _admin_upstream_follows_listen(settings)
@@ -83,6 +83,7 @@ def run_up(settings: Settings, *, data_dir: str = "var") -> int:
                 settings.gateway_host,
                 settings.gateway_port,
                 runner_args=gateway_runner_args(settings),
+                handler=direct_handler,
             ),
         ]
         sites.append(Site(_admin_app(settings), settings.admin_host, settings.admin_port))

@@ -80,7 +80,7 @@ class Proxy:
         }
         self._upgrade = _upgrade_hints(config)
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         try:
             path, query = canonicalize(request.raw_path)
@@ -180,7 +180,7 @@ class Proxy:
 
     async def _forward(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         route: PricedRoute,
         path: str,
         query: str,
@@ -218,6 +218,7 @@ class Proxy:
 
         data: bytes | AsyncIterator[bytes] | None = None
         if request.body_exists:
+            await _continue(request)
             length = request.content_length
             small = length is not None and length <= _SMALL
             data = await request.read() if small else self._body(request)
@@ -248,7 +249,7 @@ class Proxy:
         finally:
             upstream_resp.release()
 
-    async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
+    async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
         seen = 0
         async for chunk in request.content.iter_any():
             seen += len(chunk)
@@ -258,7 +259,7 @@ class Proxy:
 
     async def _relay(
         self,
-        request: web.Request,
+        request: web.BaseRequest,
         upstream_resp: UpstreamResponse,
         decision: Decision | None,
         rm: metrics.RouteMetrics,
@@ -330,6 +331,14 @@ class Proxy:
             return
         if units:
             rm.refunds.inc(units)
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    # Invite the body only now, once the request is authenticated and paid for: a refused
+    # request never has its upload sent (the routes' own expect handler does nothing).
+    expect = request.headers.get("Expect")
+    if expect and expect.lower() == "100-continue" and request.version == (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
 def _ratelimit_headers(decision: Decision, now: float) -> CIMultiDict[str]:

@@ -24,6 +24,8 @@ from aiohttp import web
 
 log = logging.getLogger(__name__)
 
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
 
 @dataclass
 class Site:
@@ -32,6 +34,8 @@ class Site:
     port: int
     reuse_port: bool = False
     runner_args: dict[str, Any] = field(default_factory=dict)
+    # Serve this low-level handler, made from the started app, instead of the app's router.
+    handler: Callable[[web.Application], Handler] | None = None
 
 
 def run(main: Awaitable[None]) -> None:
@@ -55,15 +59,22 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runners: list[web.AppRunner] = []
+    runners: list[web.BaseRunner] = []
     try:
         for site in sites:
-            runner = web.AppRunner(
+            runner: web.BaseRunner = web.AppRunner(
                 site.app, handler_cancellation=False, shutdown_timeout=shutdown_timeout,
                 **site.runner_args,
             )  # fmt: skip
-            await runner.setup()
+            await runner.setup()  # runs the app's startup: its cleanup contexts
             runners.append(runner)
+            if site.handler is not None:
+                server = web.Server(site.handler(site.app), **site.runner_args)
+                runner = web.ServerRunner(
+                    server, handler_cancellation=False, shutdown_timeout=shutdown_timeout
+                )
+                await runner.setup()
+                runners.append(runner)
             await web.TCPSite(
                 runner, site.host, site.port, reuse_port=site.reuse_port, backlog=1024
             ).start()

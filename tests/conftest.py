@@ -16,11 +16,11 @@ import pytest
 import redis.asyncio as redis
 import uvloop
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from aiohttp.test_utils import BaseTestServer, RawTestServer, TestServer
 
 from config import Config, Settings, parse_config
 from config.settings import DEV_JWT_SECRET
-from gateway.app import create_app
+from gateway.app import create_app, direct_handler
 from gateway.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -177,12 +177,34 @@ def clock() -> Clock:
 async def start_gateway(
     redis_url: str, redis_client: redis.Redis, clock: Clock
 ) -> AsyncIterator[Callable[..., Awaitable[TestServer]]]:
-    """Start a real gateway (create_app) on a loopback port for the given config."""
-    servers: list[TestServer] = []
+    """Start a real gateway on a loopback port for the given config.
 
-    async def start(config: Config, *, url: str | None = None, **settings_kw: Any) -> TestServer:
+    It is served as `metergate gateway` serves it: the app's resources started by its
+    AppRunner, requests through ``direct_handler`` on a low-level server. ``router=True``
+    serves the app through aiohttp's router instead (create_app's routes).
+    """
+    servers: list[BaseTestServer] = []
+    runners: list[web.AppRunner] = []
+
+    async def start(
+        config: Config, *, url: str | None = None, router: bool = False, **settings_kw: Any
+    ) -> BaseTestServer:
         settings = make_settings(config, url or redis_url, **settings_kw)
-        server = TestServer(create_app(settings, clock=clock), host="127.0.0.1")
+        app = create_app(settings, clock=clock)
+        server: BaseTestServer
+        if router:
+            server = TestServer(app, host="127.0.0.1")
+        else:
+            runner = web.AppRunner(app)
+            await runner.setup()
+            runners.append(runner)
+            limits = config.limits
+            server = RawTestServer(
+                direct_handler(app),
+                host="127.0.0.1",
+                max_line_size=limits.max_line_bytes,
+                max_field_size=limits.max_header_bytes,
+            )
         await server.start_server()
         servers.append(server)
         return server
@@ -190,6 +212,8 @@ async def start_gateway(
     yield start
     for server in servers:
         await server.close()
+    for runner in runners:
+        await runner.cleanup()
 
 
 def pytest_asyncio_loop_factories(

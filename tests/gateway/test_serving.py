@@ -1,0 +1,101 @@
+"""How the gateway is served: the direct low-level handler (what `metergate gateway` runs)
+and the app's router give the same answers; Expect: 100-continue is answered only once a
+request is authenticated and paid for."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+import redis.asyncio as redis
+from aiohttp import web
+
+from gateway import keys
+from tests.conftest import auth, echo, load_test_config
+
+UPLOAD = """
+[[routes]]
+path = "/upload"
+methods = ["POST"]
+cost = 1
+"""
+
+
+async def _config(start_upstream, received: list[int] | None = None):
+    async def upload(request: web.Request) -> web.Response:
+        body = await request.read()
+        if received is not None:
+            received.append(len(body))
+        return web.json_response({"bytes": len(body)})
+
+    upstream = await start_upstream({"/upload": upload, "/{tail:.*}": echo})
+    return load_test_config(str(upstream.make_url("")), extra=UPLOAD)
+
+
+@pytest.mark.parametrize("router", [False, True], ids=["direct", "router"])
+async def test_both_ways_of_serving_answer_alike(
+    router: bool, start_upstream, start_gateway, redis_client: redis.Redis
+) -> None:
+    gateway = await start_gateway(await _config(start_upstream), router=router)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.make_url("/healthz")) as resp:
+            assert (resp.status, await resp.json()) == (200, {"status": "ok"})
+        async with session.get(gateway.make_url("/readyz")) as resp:
+            assert resp.status == 200
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-s")) as resp:
+            assert resp.status == 200
+            assert (await resp.json())["path"] == "/signals"
+        async with session.get(gateway.make_url("/nowhere"), headers=auth("acct-s")) as resp:
+            assert resp.status == 404
+        async with session.get(gateway.make_url("/metrics")) as resp:
+            assert "metergate_requests_total" in await resp.text()
+        async with session.get(gateway.make_url("/metrics?x=1")) as resp:
+            assert resp.status == 200
+    assert int(await redis_client.hget(keys.usage_key("acct-s"), "used")) == 1
+
+
+async def _raw(port: int, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
+
+
+def _head(token_headers: dict[str, str], length: int) -> bytes:
+    lines = [
+        "POST /upload HTTP/1.1",
+        "Host: gw",
+        f"Content-Length: {length}",
+        "Expect: 100-continue",
+        *(f"{k}: {v}" for k, v in token_headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("router", [False, True], ids=["direct", "router"])
+async def test_100_continue_only_after_the_request_is_paid_for(
+    router: bool, start_upstream, start_gateway, redis_client: redis.Redis
+) -> None:
+    received: list[int] = []
+    gateway = await start_gateway(await _config(start_upstream, received), router=router)
+    assert gateway.port is not None
+
+    # No token: refused at once, and the client is never invited to send its body.
+    reader, writer = await _raw(gateway.port, _head({}, 1000))
+    status = await asyncio.wait_for(reader.readline(), 5)
+    assert status.startswith(b"HTTP/1.1 401")
+    writer.close()
+
+    # Paid for: 100 Continue, then the body goes through to the backend.
+    reader, writer = await _raw(gateway.port, _head(auth("acct-c"), 1000))
+    interim = await asyncio.wait_for(reader.readline(), 5)
+    assert interim == b"HTTP/1.1 100 Continue\r\n"
+    assert await reader.readline() == b"\r\n"
+    writer.write(b"x" * 1000)
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 5)
+    assert status.startswith(b"HTTP/1.1 200")
+    writer.close()
+    assert received == [1000]
+    assert int(await redis_client.hget(keys.usage_key("acct-c"), "used")) == 1
