@@ -20,7 +20,7 @@ from aiohttp import web
 from admin import keys
 from admin.appkeys import AUDIT, BILLING, CLAIMS, CLOCK, PLANS, REDIS, SETTINGS
 from admin.billing_backend import SubscriptionState
-from admin.plans import PAYING, change_from_state
+from admin.plans import ENDED, PAYING, change_from_state
 from admin.status import billing_status, iso
 from gateway.periods import utc_day
 
@@ -147,6 +147,18 @@ async def _customer(request: web.Request, account: str) -> str | None:
     return raw.decode() if raw else None
 
 
+async def _not_ended(request: web.Request, state: SubscriptionState) -> SubscriptionState:
+    """The subscription as it is now; a replayed answer about an ended one is refused."""
+    current = await request.app[BILLING].get_subscription(state.id)
+    if current is None or current.status in ENDED:
+        raise RequestError(
+            409,
+            "billing_conflict",
+            "this Idempotency-Key already made a subscription that has ended; use a new key",
+        )
+    return current
+
+
 async def subscribe(request: web.Request) -> web.Response:
     account = request[CLAIMS].sub
     body = await _body(request, SubscribeBody)
@@ -154,22 +166,36 @@ async def subscribe(request: web.Request) -> web.Response:
     if not body.payment_method_id.strip():
         raise RequestError(400, "invalid_request", "payment_method_id is required")
     billing = request.app[BILLING]
-    key = _idempotency_key(request, "subscribe", account, body.tier, body.payment_method_id)
     async with _account_lock(request, account):
         plan = await request.app[PLANS].read(account)
         sub_id = plan.get("subscription_id")
         if sub_id and plan.get("status") in PAYING:
-            if plan.get("tier") != body.tier:
-                raise RequestError(
-                    409, "already_subscribed", "use POST /billing/upgrade to change the tier"
-                )
-            # A retry of a subscribe that already went through: the same subscription.
+            # A retry of a subscribe that went through: the same subscription, if it still
+            # pays (the plan may not have heard of its end yet).
             existing = await billing.get_subscription(sub_id)
-            if existing is not None:
+            if existing is not None and existing.status in PAYING:
+                if existing.tier != body.tier:
+                    raise RequestError(
+                        409, "already_subscribed", "use POST /billing/upgrade to change the tier"
+                    )
                 return web.json_response(_subscription_json(existing))
+        # The plan's last change is part of the key: subscribe, cancel, subscribe again makes
+        # two subscriptions, while a retry of one subscribe replays Stripe's first answer.
+        key = _idempotency_key(
+            request,
+            "subscribe",
+            account,
+            body.tier,
+            body.payment_method_id,
+            sub_id,
+            plan.get("status"),
+            plan.get("event_created"),
+        )
         customer = await billing.ensure_customer(account)
         await request.app[REDIS].hset(keys.CUSTOMERS, customer, account)
         state = await billing.subscribe(account, customer, body.tier, body.payment_method_id, key)
+        if state.id == sub_id:
+            state = await _not_ended(request, state)
         await request.app[REDIS].set(keys.subscription_key(account), state.id)
         if state.status in ("active", "trialing"):
             await _apply(request, account, state, "subscribed")

@@ -28,7 +28,7 @@ from admin.billing_backend import (
     PaymentMethodInfo,
     SubscriptionState,
 )
-from admin.plans import Plans, change_from_state
+from admin.plans import ENDED, Plans, change_from_state
 from config.model import Config
 
 DECLINED_PAYMENT_METHODS = frozenset({"pm_card_chargeDeclined", "pm_card_visa_chargeDeclined"})
@@ -84,8 +84,10 @@ class LocalBilling:
         earlier = _text(await self._redis.get(idem))
         if earlier:
             state = await self.get_subscription(earlier)
-            if state is not None:
+            # A key reused after that subscription ended or changed tier asks for a new one.
+            if state is not None and state.status not in ENDED and state.tier == tier:
                 return state
+            await self._redis.delete(idem)
         if payment_method_id in DECLINED_PAYMENT_METHODS:
             raise CardDeclined("Your card was declined.")
         now = int(self._clock())

@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestServer
 
 from admin import keys
 from admin.app import create_app
+from admin.appkeys import BILLING
 from admin.audit import AuditLog
 from config.load import validate
 from tests.admin import support
@@ -375,3 +376,23 @@ async def test_billing_verifies_jwks_tokens_like_the_gateway(
         async with session.get(server.make_url("/billing/status"), headers=forged) as resp:
             assert resp.status == 401
     assert jwks.fetches == 1
+
+
+async def test_subscribe_after_a_cancel_makes_a_new_subscription(
+    start_admin: StartAdmin, redis_client: redis.Redis
+) -> None:
+    server = await start_admin()
+    _, first = await call(server, "POST", "/billing/subscribe", json=PRO)
+    await call(server, "POST", "/billing/upgrade", json={"tier": "starter"})
+    await call(server, "POST", "/billing/cancel", json={"at_period_end": False})
+    status, again = await call(server, "POST", "/billing/subscribe", json=PRO)
+    assert status == 201, again
+    assert again["subscription"]["id"] != first["subscription"]["id"]
+    assert (again["subscription"]["tier"], again["subscription"]["status"]) == ("pro", "active")
+    _, st = await call(server, "GET", "/billing/status")
+    assert (st["has_subscription"], st["tier"], st["status"]) == (True, "pro", "active")
+    billing = server.app[BILLING]
+    old = await billing.get_subscription(first["subscription"]["id"])
+    assert old is not None and old.status == "canceled"
+    subs = [k async for k in redis_client.scan_iter(match=keys.local_subscription_key("*"))]
+    assert len(subs) == 2

@@ -243,3 +243,25 @@ async def test_concurrent_subscribes_make_one_customer_and_one_subscription(
     assert len(stripe_double.customers) == 1
     live = [s for s in stripe_double.subscriptions.values() if s["status"] != "canceled"]
     assert len(live) == 1
+
+
+async def test_subscribe_after_a_cancel_makes_a_new_subscription(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    _, first = await call(server, "POST", "/billing/subscribe", json=payload)
+    await call(server, "POST", "/billing/cancel", json={"at_period_end": False})
+    status, again = await call(server, "POST", "/billing/subscribe", json=payload)
+    assert status == 201, again
+    assert again["subscription"]["id"] != first["subscription"]["id"]
+    assert again["subscription"]["status"] == "active"
+    statuses = sorted(s["status"] for s in stripe_double.subscriptions.values())
+    assert statuses == ["active", "canceled"]
+    await deliver_and_apply(server, stripe_double)
+    stored = await plan(redis_client)
+    assert stored["subscription_id"] == again["subscription"]["id"]
+    assert (stored["tier"], stored["status"]) == ("pro", "active")
