@@ -159,6 +159,21 @@ async def _not_ended(request: web.Request, state: SubscriptionState) -> Subscrip
     return current
 
 
+async def _incomplete(
+    request: web.Request, account: str
+) -> tuple[SubscriptionState, str, str] | None:
+    """The account's last subscription if it still waits for its first payment, with the
+    tier and payment method it was asked for."""
+    raw = _decode(await request.app[REDIS].hgetall(keys.subscribe_request_key(account)))
+    sub_id = raw.get("subscription_id")
+    if not sub_id:
+        return None
+    state = await request.app[BILLING].get_subscription(sub_id)
+    if state is None or state.status != "incomplete":
+        return None
+    return state, raw.get("tier", ""), raw.get("payment_method_id", "")
+
+
 async def subscribe(request: web.Request) -> web.Response:
     account = request[CLAIMS].sub
     body = await _body(request, SubscribeBody)
@@ -179,6 +194,22 @@ async def subscribe(request: web.Request) -> web.Response:
                         409, "already_subscribed", "use POST /billing/upgrade to change the tier"
                     )
                 return web.json_response(_subscription_json(existing))
+        incomplete = await _incomplete(request, account)
+        if incomplete is not None:
+            pending, tier, payment_method = incomplete
+            if (tier, payment_method) == (body.tier, body.payment_method_id):
+                # A retry while 3-D Secure waits: the same subscription and secret again.
+                return web.json_response(_subscription_json(pending))
+            # Another tier or card: one subscription per account, so the waiting one goes.
+            abandon = _idempotency_key(request, "abandon", account, pending.id)
+            await billing.cancel(pending.id, False, abandon)
+            await request.app[AUDIT].record(
+                who=f"account:{account}",
+                what="billing.subscribe_abandoned",
+                account=account,
+                source=_request_id(request),
+                details={"subscription_id": pending.id, "tier": pending.tier},
+            )
         # The plan's last change is part of the key: subscribe, cancel, subscribe again makes
         # two subscriptions, while a retry of one subscribe replays Stripe's first answer.
         key = _idempotency_key(
@@ -197,6 +228,14 @@ async def subscribe(request: web.Request) -> web.Response:
         if state.id == sub_id:
             state = await _not_ended(request, state)
         await request.app[REDIS].set(keys.subscription_key(account), state.id)
+        await request.app[REDIS].hset(
+            keys.subscribe_request_key(account),
+            mapping={
+                "subscription_id": state.id,
+                "tier": body.tier,
+                "payment_method_id": body.payment_method_id,
+            },
+        )
         if state.status in ("active", "trialing"):
             await _apply(request, account, state, "subscribed")
         else:

@@ -5,6 +5,7 @@ Global indices (streams, sets, sorted sets) are single keys of their own.
 
 - ``mg:{acct}:customer``      the account's billing customer id (written by ensure_customer)
 - ``mg:{acct}:subscription``  the last subscription id created for the account
+- ``mg:{acct}:subscribe_request`` hash: that subscription's id, tier and payment method
 - ``mg:{acct}:rl:<window>``   billing API requests in one rate-limit window
 - ``mg:{acct}:billing_lock``  one subscribe/upgrade/cancel at a time per account
 - ``mg:customers``            hash customer id -> account
@@ -45,6 +46,10 @@ def customer_key(account: str) -> str:
 
 def subscription_key(account: str) -> str:
     return f"{_tag(account)}:subscription"
+
+
+def subscribe_request_key(account: str) -> str:
+    return f"{_tag(account)}:subscribe_request"
 
 
 def rate_key(account: str, window: int) -> str:

@@ -265,3 +265,34 @@ async def test_subscribe_after_a_cancel_makes_a_new_subscription(
     stored = await plan(redis_client)
     assert stored["subscription_id"] == again["subscription"]["id"]
     assert (stored["tier"], stored["status"]) == ("pro", "active")
+
+
+async def test_a_retried_three_d_secure_subscribe_keeps_one_subscription(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    sca = {"tier": "pro", "payment_method_id": "pm_card_authenticationRequired"}
+    _, first = await call(server, "POST", "/billing/subscribe", json=sca)
+    assert first["subscription"]["status"] == "incomplete"
+    await deliver_and_apply(server, stripe_double)  # the plan hears of the incomplete one
+    status, again = await call(server, "POST", "/billing/subscribe", json=sca)
+    assert status == 200, again
+    assert again["subscription"]["id"] == first["subscription"]["id"]
+    assert again["requires_action"] is True and again["client_secret"] == first["client_secret"]
+    assert len(stripe_double.subscriptions) == 1
+    # Another card: the incomplete subscription is canceled before the new one is made.
+    visa = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    status, other = await call(server, "POST", "/billing/subscribe", json=visa)
+    assert status == 201, other
+    assert other["subscription"]["status"] == "active"
+    by_status = {s["status"]: s["id"] for s in stripe_double.subscriptions.values()}
+    assert by_status == {
+        "canceled": first["subscription"]["id"],
+        "active": other["subscription"]["id"],
+    }
+    await deliver_and_apply(server, stripe_double)
+    stored = await plan(redis_client)
+    assert (stored["subscription_id"], stored["status"]) == (other["subscription"]["id"], "active")
