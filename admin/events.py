@@ -223,6 +223,8 @@ def interpret(event: Event, price_tiers: Mapping[str, str]) -> Meaning:
             customer_id=_id(obj.get("id")),
             subscription_id=None,
             metadata=_metadata(obj),
-            change=PlanChange(account="", to_free=True),
+            # Final: no later event can bring a deleted customer back, so it applies even
+            # when it shares its second with the subscription.deleted it caused.
+            change=PlanChange(account="", to_free=True, fresh=True),
         )
     return Meaning(customer_id=None, subscription_id=None, metadata={}, change=None)

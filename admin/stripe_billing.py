@@ -9,6 +9,7 @@ process) replays Stripe's first answer instead of creating a second object.
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +32,7 @@ from admin.billing_backend import (
     SubscriptionState,
 )
 from admin.circuit import CircuitBreaker, CircuitOpen
+from admin.customers import forget_customer
 from admin.keys import customer_key
 from admin.stripe_settings import StripeSettings
 
@@ -130,41 +132,71 @@ class StripeBilling:
         key = customer_key(account)
         token = secrets.token_hex(8)
         lock = _customer_lock_key(account)
+        gone: str | None = None
         for _ in range(200):
             existing = _text(await self._redis.get(key))
-            if existing:
-                return existing
+            if existing and existing != gone:
+                if not await self._customer_gone(existing):
+                    return existing
+                # Deleted at Stripe (customer.deleted not applied yet): make a new one.
+                gone = existing
+                await forget_customer(self._redis, account, existing)
+                continue
             # Concurrent calls for one account: one creates, the others wait for its id.
             if await self._redis.set(lock, token, nx=True, ex=_LOCK_SECONDS):
                 try:
-                    return await self._find_or_create_customer(account)
+                    return await self._find_or_create_customer(account, gone)
                 finally:
                     await self._unlock(keys=[lock], args=[token])
             await asyncio.sleep(0.05)
         raise BillingConflict(f"another request is creating the customer of {account}")
 
-    async def _find_or_create_customer(self, account: str) -> str:
+    async def _customer_gone(self, customer_id: str) -> bool:
+        try:
+            found = await self._call(lambda: self.client.v1.customers.retrieve_async(customer_id))
+        except InvalidBillingRequest as exc:
+            cause = exc.__cause__
+            if isinstance(cause, stripe.InvalidRequestError) and cause.code == "resource_missing":
+                return True
+            raise
+        # Stripe answers a deleted customer with {"id", "deleted": true}.
+        return bool(found.to_dict().get("deleted"))
+
+    async def _find_or_create_customer(self, account: str, replacing: str | None) -> str:
         key = customer_key(account)
         existing = _text(await self._redis.get(key))
-        if existing:
+        if existing and existing != replacing:
             return existing
         # Redis may have lost the id (flushed, restored): Stripe's metadata is the record.
         query = f"metadata['{ACCOUNT_METADATA}']:'{account}'"
         found = await self._call(
             lambda: self.client.v1.customers.search_async({"query": query, "limit": 1})
         )
-        if found.data:
-            customer_id = str(found.data[0].id)
-        else:
-            created = await self._call(
-                lambda: self.client.v1.customers.create_async(
-                    {"metadata": {ACCOUNT_METADATA: account}},
-                    {"idempotency_key": f"customer:{account}"},
-                )
-            )
-            customer_id = str(created.id)
+        found_ids = [str(c.id) for c in found.data if str(c.id) != replacing]
+        customer_id = found_ids[0] if found_ids else await self._create_customer(account, replacing)
         await self._redis.set(key, customer_id)
         return customer_id
+
+    def _new_customer(self, account: str, idem: str) -> Awaitable[stripe.Customer]:
+        return self.client.v1.customers.create_async(
+            {"metadata": {ACCOUNT_METADATA: account}}, {"idempotency_key": idem}
+        )
+
+    async def _create_customer(self, account: str, replacing: str | None) -> str:
+        for _ in range(5):
+            # A replacement needs its own key, or Stripe would replay the deleted customer.
+            idem = f"customer:{account}" + (f":after:{replacing}" if replacing else "")
+            created = await self._call(functools.partial(self._new_customer, account, idem))
+            customer_id = str(created.id)
+            response = created.last_response
+            replayed = response is not None and any(
+                name.lower() == "idempotent-replayed" and value == "true"
+                for name, value in response.headers.items()
+            )
+            if not replayed or not await self._customer_gone(customer_id):
+                return customer_id
+            replacing = customer_id  # the first answer, replayed, is a deleted customer
+        raise BillingConflict(f"could not create a customer for {account}")
 
     async def subscribe(
         self,

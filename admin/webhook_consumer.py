@@ -25,6 +25,7 @@ from redis.exceptions import RedisError, ResponseError
 from admin import keys, metrics
 from admin.audit import AuditLog
 from admin.billing_backend import BillingBackend, BillingError
+from admin.customers import forget_customer
 from admin.events import INVOICE_EVENTS, SUBSCRIPTION_EVENTS, MalformedEvent, interpret, parse_event
 from admin.plans import PlanChange, Plans, change_from_state
 
@@ -199,6 +200,11 @@ class WebhookConsumer:
                 source=event.id,
                 details={"subscription_id": meaning.subscription_id},
             )
+        elif event.type == "customer.deleted" and not await self._own_customer(
+            account, meaning.customer_id
+        ):
+            # An old customer of the account, replaced since: the current plan stays.
+            outcome = "other_customer"
         else:
             change = await self._current(event.type, meaning.subscription_id, meaning.change)
             change = msgspec.structs.replace(change, account=account)
@@ -206,9 +212,16 @@ class WebhookConsumer:
                 change, created=event.created, event_id=event.id, who="stripe", source=event.id
             )
             outcome = result.reason
+            if event.type == "customer.deleted" and meaning.customer_id:
+                await forget_customer(self._redis, account, meaning.customer_id)
         # Only now is the event done: a crash before this line applies it again, harmlessly.
         await self._redis.set(seen, self._clock(), ex=SEEN_TTL_SECONDS)
         return outcome
+
+    async def _own_customer(self, account: str, customer_id: str | None) -> bool:
+        """Whether ``customer_id`` is the account's customer (or the account has none)."""
+        stored: Any = await self._redis.get(keys.customer_key(account))
+        return stored is None or customer_id is None or stored.decode() == customer_id
 
     async def _current(self, kind: str, sub_id: str | None, change: PlanChange) -> PlanChange:
         """In Stripe mode, the subscription as it is now rather than as the event saw it."""

@@ -296,3 +296,52 @@ async def test_a_retried_three_d_secure_subscribe_keeps_one_subscription(
     await deliver_and_apply(server, stripe_double)
     stored = await plan(redis_client)
     assert (stored["subscription_id"], stored["status"]) == (other["subscription"]["id"], "active")
+
+
+async def test_after_the_customer_is_deleted_the_account_can_subscribe_again(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    _, first = await call(server, "POST", "/billing/subscribe", json=payload)
+    old = first["subscription"]["customer_id"]
+    await deliver_and_apply(server, stripe_double)
+    clock.advance(60)
+    await server.app[BILLING].client.v1.customers.delete_async(old)
+    await deliver_and_apply(server, stripe_double)
+    assert (await plan(redis_client))["tier"] == "free"
+    assert not await redis_client.exists(keys.customer_key("acct-1"))
+    assert not await redis_client.hexists(keys.CUSTOMERS, old)
+    status, again = await call(server, "POST", "/billing/subscribe", json=payload)
+    assert status == 201, again
+    assert again["subscription"]["customer_id"] != old
+    assert again["subscription"]["status"] == "active"
+
+
+async def test_a_stored_customer_stripe_no_longer_has_is_replaced(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    _, first = await call(server, "POST", "/billing/subscribe", json=payload)
+    old = first["subscription"]["customer_id"]
+    await deliver_and_apply(server, stripe_double)
+    clock.advance(60)
+    # Deleted at Stripe; the webhook has not been applied yet, so Redis still names it.
+    await server.app[BILLING].client.v1.customers.delete_async(old)
+    status, again = await call(server, "POST", "/billing/subscribe", json=payload)
+    assert status == 201, again
+    new = again["subscription"]["customer_id"]
+    assert new != old and again["subscription"]["status"] == "active"
+    assert await redis_client.get(keys.customer_key("acct-1")) == new.encode()
+    assert await redis_client.hget(keys.CUSTOMERS, new) == b"acct-1"
+    await deliver_and_apply(server, stripe_double)  # the late customer.deleted changes nothing
+    stored = await plan(redis_client)
+    assert (stored["subscription_id"], stored["status"]) == (again["subscription"]["id"], "active")
+    assert await redis_client.get(keys.customer_key("acct-1")) == new.encode()
