@@ -9,7 +9,8 @@ Global indices (streams, sets, sorted sets) are single keys of their own.
 - ``mg:{acct}:rl:<window>``   billing API requests in one rate-limit window
 - ``mg:{acct}:billing_lock``  one subscribe/upgrade/cancel at a time per account
 - ``mg:customers``            hash customer id -> account
-- ``mg:accounts:paid``        set of accounts on a paid, not canceled plan
+- ``mg:accounts:paid``        set of accounts whose plan pays (active, trialing, past_due)
+- ``mg:accounts:lapsed``      set of accounts that stopped paying, until their overage is reported
 - ``mg:churn``                sorted set ``acct:sub`` -> time the subscription stopped paying
 - ``mg:starts``               sorted set ``acct:sub`` -> time the subscription started paying
 - ``mg:webhooks``             stream of verified Stripe events (consumer group ``appliers``)
@@ -30,6 +31,7 @@ __all__ = ["PREFIX", "plan_key", "usage_key"]
 
 CUSTOMERS = f"{PREFIX}:customers"
 PAID_ACCOUNTS = f"{PREFIX}:accounts:paid"
+LAPSED_ACCOUNTS = f"{PREFIX}:accounts:lapsed"
 CHURN = f"{PREFIX}:churn"
 STARTS = f"{PREFIX}:starts"
 WEBHOOK_STREAM = f"{PREFIX}:webhooks"

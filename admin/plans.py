@@ -71,7 +71,8 @@ def change_from_state(account: str, state: SubscriptionState, *, fresh: bool = F
 
 
 def is_paid(tier: str, status: str) -> bool:
-    return tier != "free" and status not in ENDED and status != ""
+    """Whether the plan is paid for (past_due counts: the grace is the gateway's business)."""
+    return tier != "free" and status in PAYING
 
 
 def _script() -> tuple[bytes, str]:
@@ -159,8 +160,11 @@ class Plans:
         async with self._redis.pipeline(transaction=False) as pipe:
             if is_paid(result.tier, result.status):
                 pipe.sadd(keys.PAID_ACCOUNTS, account)
+                pipe.srem(keys.LAPSED_ACCOUNTS, account)
             else:
-                pipe.srem(keys.PAID_ACCOUNTS, account)
+                # The usage reporter still owes Stripe this account's unreported overage: it
+                # scans the lapsed set too and drops the account once nothing is due.
+                pipe.smove(keys.PAID_ACCOUNTS, keys.LAPSED_ACCOUNTS, account)
             if change.customer_id:
                 pipe.hset(keys.CUSTOMERS, change.customer_id, account)
             if result.applied:

@@ -13,7 +13,6 @@ from decimal import Decimal
 
 import msgspec
 
-from admin.plans import is_paid
 from config.model import Config
 from gateway.periods import calendar_month
 
@@ -82,10 +81,11 @@ def billing_status(
     included = rules.included_units
     percentage = round(used / included * 100, 2) if included else (100.0 if used else 0.0)
     price = rules.overage_unit_price_usd or Decimal(0)
-    subscribed = is_paid(plan.get("tier") or "free", plan.get("status") or "")
+    # What the gateway enforces: an incomplete, unpaid or paused plan is the free tier.
+    subscribed = effective.tier != "free"
     return BillingStatus(
         has_subscription=subscribed,
-        tier=(plan.get("tier") or "free") if subscribed else "free",
+        tier=effective.tier,
         status=(plan.get("status") or "active") if plan.get("tier") else "active",
         usage=Usage(
             current=used,

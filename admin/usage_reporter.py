@@ -1,7 +1,9 @@
 """Report overage units to Stripe's Billing Meter, exactly once.
 
 The gateway counts overage units in ``mg:{acct}:usage`` (``gateway/lua/charge.lua``).
-Every ``interval`` seconds, for each account in ``mg:accounts:paid`` with a Stripe customer:
+Every ``interval`` seconds, for each account in ``mg:accounts:paid`` (and in
+``mg:accounts:lapsed``, those that stopped paying, until nothing is left to report) with
+a Stripe customer:
 
 1. claim (Lua): the units beyond those already reported this period are written down as
    ``report_pending = "<period_start>:<reported>:<overage>"`` before anything is sent;
@@ -29,7 +31,7 @@ import redis.asyncio as redis
 from prometheus_client import Counter
 
 from admin.billing_backend import BillingBackend, BillingUnavailable, InvalidBillingRequest
-from admin.keys import PAID_ACCOUNTS, customer_key, usage_key
+from admin.keys import LAPSED_ACCOUNTS, PAID_ACCOUNTS, customer_key, usage_key
 
 log = logging.getLogger("metergate.usage")
 
@@ -154,15 +156,19 @@ class UsageReporter:
     async def run_once(self) -> list[UsageReport]:
         """One pass over the paid accounts; stops early (claims kept) if Stripe is down."""
         sent: list[UsageReport] = []
-        async for raw in self._redis.sscan_iter(PAID_ACCOUNTS):
-            account = _text(raw)
-            if not account:
-                continue
-            try:
-                sent += await self.report_account(account)
-            except BillingUnavailable as exc:
-                log.warning("usage report paused, Stripe unavailable: %s", exc)
-                break
+        for accounts in (PAID_ACCOUNTS, LAPSED_ACCOUNTS):
+            async for raw in self._redis.sscan_iter(accounts):
+                account = _text(raw)
+                if not account:
+                    continue
+                try:
+                    sent += await self.report_account(account)
+                    if accounts == LAPSED_ACCOUNTS and await self.claim(account) is None:
+                        # No longer paying and nothing left to bill: done with it.
+                        await self._redis.srem(LAPSED_ACCOUNTS, account)
+                except BillingUnavailable as exc:
+                    log.warning("usage report paused, Stripe unavailable: %s", exc)
+                    return sent
         return sent
 
     async def run_forever(self) -> None:

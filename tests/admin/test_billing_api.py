@@ -13,6 +13,7 @@ from admin import keys
 from admin.app import create_app
 from admin.appkeys import BILLING
 from admin.audit import AuditLog
+from admin.plans import PlanChange, Plans
 from config.load import validate
 from tests.admin import support
 from tests.admin.support import StartAdmin
@@ -396,3 +397,32 @@ async def test_subscribe_after_a_cancel_makes_a_new_subscription(
     assert old is not None and old.status == "canceled"
     subs = [k async for k in redis_client.scan_iter(match=keys.local_subscription_key("*"))]
     assert len(subs) == 2
+
+
+async def test_status_of_an_unpaid_subscription_is_the_free_tier(
+    start_admin: StartAdmin, redis_client: redis.Redis, clock: Clock
+) -> None:
+    server = await start_admin()
+    plans = Plans(redis_client, AuditLog(redis_client, clock=clock), clock=clock)
+    start = int(clock.now)
+    for status in ("incomplete", "unpaid", "paused"):
+        await plans.apply(
+            PlanChange(
+                account="acct-1",
+                tier="pro",
+                status=status,
+                period_start=start,
+                period_end=start + 30 * 86400,
+                subscription_id="sub_1",
+                may_replace=True,
+                fresh=True,
+            ),
+            created=start,
+            event_id=f"evt_{status}",
+            who="test",
+            source="test",
+        )
+        _, st = await call(server, "GET", "/billing/status")
+        assert (st["has_subscription"], st["tier"], st["status"]) == (False, "free", status)
+        assert st["usage"]["included"] == 100
+        assert not await redis_client.sismember(keys.PAID_ACCOUNTS, "acct-1")

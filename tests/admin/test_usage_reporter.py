@@ -7,6 +7,9 @@ import contextlib
 
 import redis.asyncio as redis
 
+from admin.audit import AuditLog
+from admin.keys import LAPSED_ACCOUNTS
+from admin.plans import PlanChange, Plans
 from admin.stripe_billing import StripeBilling
 from admin.usage_reporter import PAID_ACCOUNTS, UsageReporter, run_reporter, usage_key
 from config import Config
@@ -286,3 +289,32 @@ async def test_a_claim_sent_just_before_rollover_is_not_billed_twice(
     reports = await reporter.run_once()
     assert [(r.period_start, r.reported, r.overage) for r in reports] == [(start, 30, 35)]
     assert stripe_double.metered_total(customer) == 35
+
+
+async def test_overage_of_a_lapsed_account_is_reported_before_it_leaves_the_set(
+    stripe_billing: StripeBilling,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    customer, start = await paid_account("acct-1", stripe_billing, redis_client, clock)
+    plans = Plans(redis_client, AuditLog(redis_client, clock=clock), clock=clock)
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    await charge(store, "acct-1", 10_012)
+    # The subscription stops paying before the reporter ran: the account leaves the paid set
+    # but its 12 overage units are still billed, once.
+    await plans.apply(
+        PlanChange(account="acct-1", status="unpaid", fresh=True),
+        created=start,
+        event_id="evt_unpaid",
+        who="test",
+        source="test",
+    )
+    assert not await redis_client.sismember(PAID_ACCOUNTS, "acct-1")
+    assert await redis_client.sismember(LAPSED_ACCOUNTS, "acct-1")
+    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
+    (report,) = await reporter.run_once()
+    assert report.units == 12 and stripe_double.metered_total(customer) == 12
+    assert not await redis_client.sismember(LAPSED_ACCOUNTS, "acct-1")
+    assert await reporter.run_once() == []
