@@ -14,6 +14,7 @@ Global indices (streams, sets, sorted sets) are single keys of their own.
 - ``mg:churn``                sorted set ``acct:sub`` -> time the subscription stopped paying
 - ``mg:starts``               sorted set ``acct:sub`` -> time the subscription started paying
 - ``mg:webhooks``             stream of verified Stripe events (consumer group ``appliers``)
+- ``mg:webhooks:dead``        stream of events that failed every delivery (dead letters)
 - ``mg:webhook:seen:<id>``    an event already applied (TTL)
 - ``mg:audit``                capped stream of every billing change
 - ``mg:usage:hourly:<day>``   hour -> today's total units when sampled (stats by hour)
@@ -36,6 +37,7 @@ CHURN = f"{PREFIX}:churn"
 STARTS = f"{PREFIX}:starts"
 WEBHOOK_STREAM = f"{PREFIX}:webhooks"
 WEBHOOK_GROUP = "appliers"
+WEBHOOK_DEAD_STREAM = f"{PREFIX}:webhooks:dead"
 AUDIT_STREAM = f"{PREFIX}:audit"
 
 

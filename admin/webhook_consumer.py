@@ -20,11 +20,11 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as redis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ConnectionError, RedisError, ResponseError, TimeoutError
 
 from admin import keys, metrics
 from admin.audit import AuditLog
-from admin.billing_backend import BillingBackend, BillingError
+from admin.billing_backend import BillingBackend, BillingError, BillingUnavailable
 from admin.customers import forget_customer
 from admin.events import INVOICE_EVENTS, SUBSCRIPTION_EVENTS, MalformedEvent, interpret, parse_event
 from admin.plans import PlanChange, Plans, change_from_state
@@ -32,6 +32,8 @@ from admin.plans import PlanChange, Plans, change_from_state
 log = logging.getLogger(__name__)
 
 SEEN_TTL_SECONDS = 30 * 86400  # longer than Stripe's three days of retries
+# An event that failed this many deliveries goes to the dead-letter stream.
+MAX_DELIVERIES = 5
 
 
 class Backlog(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,6 +64,7 @@ class WebhookConsumer:
         block_ms: int = 1000,
         claim_idle_ms: int = 60_000,
         batch: int = 64,
+        max_deliveries: int = MAX_DELIVERIES,
     ) -> None:
         self._redis = client
         self._plans = plans
@@ -73,6 +76,7 @@ class WebhookConsumer:
         self._block_ms = block_ms
         self._claim_idle_ms = claim_idle_ms
         self._batch = batch
+        self._max_deliveries = max_deliveries
 
     async def ensure_group(self) -> None:
         # From "0": events stored before any consumer existed are applied too.
@@ -104,6 +108,11 @@ class WebhookConsumer:
                 raise
             except RedisError as exc:
                 log.warning("webhook consumer: redis error: %s", exc)
+                await asyncio.sleep(1.0)
+            except Exception:
+                # Never end for good: the events would wait unapplied with nobody told.
+                log.exception("webhook consumer: unexpected error; going on")
+                metrics.WEBHOOKS_PROCESSED.labels("error").inc()
                 await asyncio.sleep(1.0)
 
     async def read_new(self, *, block_ms: int | None = None) -> int:
@@ -154,14 +163,51 @@ class WebhookConsumer:
     async def handle(self, entry_id: bytes, fields: Mapping[bytes, bytes]) -> str:
         try:
             outcome = await self._handle(fields)
-        except (RedisError, BillingError) as exc:
-            # Left pending: re-claimed and retried later.
-            log.warning("webhook entry %s not applied: %s", entry_id.decode(), exc)
+        except Exception as exc:
+            # Left pending: re-claimed and retried later, until it is known to be poison.
+            event_id = fields.get(b"id", b"").decode(errors="replace")
+            log.warning(
+                "webhook event %s (entry %s) not applied: %r", event_id, entry_id.decode(), exc
+            )
+            transient = isinstance(exc, (BillingUnavailable, ConnectionError, TimeoutError))
+            if not transient and await self._deliveries(entry_id) >= self._max_deliveries:
+                await self._dead_letter(entry_id, fields, exc)
+                metrics.WEBHOOKS_PROCESSED.labels("dead_letter").inc()
+                return "dead_letter"
             metrics.WEBHOOKS_PROCESSED.labels("retry").inc()
             return "retry"
         await self._redis.xack(keys.WEBHOOK_STREAM, keys.WEBHOOK_GROUP, entry_id)
         metrics.WEBHOOKS_PROCESSED.labels(outcome).inc()
         return outcome
+
+    async def _deliveries(self, entry_id: bytes) -> int:
+        rows: Any = await self._redis.xpending_range(
+            keys.WEBHOOK_STREAM, keys.WEBHOOK_GROUP, min=entry_id, max=entry_id, count=1
+        )
+        return int(rows[0]["times_delivered"]) if rows else 0
+
+    async def _dead_letter(
+        self, entry_id: bytes, fields: Mapping[bytes, bytes], exc: Exception
+    ) -> None:
+        """Set a poison event aside (kept for an operator) so it stops being retried."""
+        event_id = fields.get(b"id", b"").decode(errors="replace")
+        dead: dict[bytes | str, bytes | str] = dict(fields.items())
+        dead.update({"entry_id": entry_id, "error": repr(exc)[:1000]})
+        await self._redis.xadd(
+            keys.WEBHOOK_DEAD_STREAM,
+            dead,  # type: ignore[arg-type]
+            maxlen=10_000,
+            approximate=True,
+        )
+        await self._redis.xack(keys.WEBHOOK_STREAM, keys.WEBHOOK_GROUP, entry_id)
+        await self._audit.record(
+            who="stripe",
+            what="webhook.dead_letter",
+            account="",
+            source=event_id,
+            details={"entry_id": entry_id.decode(), "error": repr(exc)[:500]},
+        )
+        log.error("webhook event %s moved to %s: %r", event_id, keys.WEBHOOK_DEAD_STREAM, exc)
 
     async def _handle(self, fields: Mapping[bytes, bytes]) -> str:
         event_id = fields.get(b"id", b"").decode()

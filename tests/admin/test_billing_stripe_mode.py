@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from admin import keys
 from admin.appkeys import BILLING
+from admin.audit import AuditLog
 from admin.stripe_settings import StripeSettings
 from tests.admin import support
 from tests.admin.stripe_double import StripeDouble
@@ -345,3 +346,37 @@ async def test_a_stored_customer_stripe_no_longer_has_is_replaced(
     stored = await plan(redis_client)
     assert (stored["subscription_id"], stored["status"]) == (again["subscription"]["id"], "active")
     assert await redis_client.get(keys.customer_key("acct-1")) == new.encode()
+
+
+async def test_a_poison_event_is_dead_lettered_and_later_events_still_apply(
+    start_admin: StartAdmin,
+    stripe_double: StripeDouble,
+    clock: Clock,
+    redis_client: redis.Redis,
+) -> None:
+    server = await start_stripe_admin(start_admin, stripe_double, clock)
+    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    _, first = await call(server, "POST", "/billing/subscribe", json=payload)
+    await deliver_and_apply(server, stripe_double)
+    # A subscription with no items: signed, but re-fetching it makes the applier raise.
+    broken = first["subscription"]["id"]
+    stripe_double.subscriptions[broken]["items"]["data"] = []
+    assert (
+        await stripe_double.send_event(
+            stripe_double.build_event("customer.subscription.updated", broken)
+        )
+        == 200
+    )
+    await call(server, "POST", "/billing/subscribe", json=payload, sub="acct-2")
+    await stripe_double.deliver()
+    applier = consumer(server)
+    await applier.drain()  # does not raise, and the events after the poison apply
+    assert (await plan(redis_client, "acct-2"))["status"] == "active"
+    assert await redis_client.xlen(keys.WEBHOOK_DEAD_STREAM) == 0
+    for _ in range(4):  # re-claimed until its fifth delivery fails
+        await applier.drain()
+    dead = await redis_client.xrange(keys.WEBHOOK_DEAD_STREAM)
+    assert len(dead) == 1 and b"IndexError" in dead[0][1][b"error"]
+    assert (await applier.backlog()).total == 0
+    audit = await AuditLog(redis_client).recent(20)
+    assert any(e.what == "webhook.dead_letter" for e in audit)
