@@ -184,10 +184,15 @@ class Plans:
     async def account_for_customer(
         self, customer_id: str | None, metadata: Mapping[str, object] | None = None
     ) -> str | None:
-        """The account of a customer: its metadata ``account``, else the ``mg:customers`` map."""
-        account = (metadata or {}).get("account")
-        if isinstance(account, str) and account:
-            return account
+        """The account of a customer: its metadata, else the ``mg:customers`` map.
+
+        StripeBilling writes ``metergate_account``; ``account`` is read too, for objects
+        made by hand or by older versions.
+        """
+        for name in ("metergate_account", "account"):
+            account = (metadata or {}).get(name)
+            if isinstance(account, str) and account:
+                return account
         if not customer_id:
             return None
         found: Any = await self._redis.hget(keys.CUSTOMERS, customer_id)

@@ -326,7 +326,9 @@ class StripeBilling:
     async def portal_url(self, customer_id: str, return_url: str) -> str:
         session = await self._call(
             lambda: self.client.v1.billing_portal.sessions.create_async(
-                {"customer": customer_id, "return_url": return_url}
+                {"customer": customer_id, "return_url": return_url},
+                # A session per request; the key makes stripe-python's retries replay it.
+                {"idempotency_key": f"portal:{customer_id}:{secrets.token_hex(8)}"},
             )
         )
         return str(session.url)

@@ -26,7 +26,14 @@ from admin import keys, metrics
 from admin.audit import AuditLog
 from admin.billing_backend import BillingBackend, BillingError, BillingUnavailable
 from admin.customers import forget_customer
-from admin.events import INVOICE_EVENTS, SUBSCRIPTION_EVENTS, MalformedEvent, interpret, parse_event
+from admin.events import (
+    HANDLED,
+    INVOICE_EVENTS,
+    SUBSCRIPTION_EVENTS,
+    MalformedEvent,
+    interpret,
+    parse_event,
+)
 from admin.plans import PlanChange, Plans, change_from_state
 
 log = logging.getLogger(__name__)
@@ -225,6 +232,9 @@ class WebhookConsumer:
                 details={"error": str(exc)},
             )
             return "malformed"
+        if event.type not in HANDLED:
+            # Stripe sends every type the endpoint subscribes to; most change no plan.
+            return "ignored"
         meaning = interpret(event, self._price_tiers)
         account = await self._plans.account_for_customer(meaning.customer_id, meaning.metadata)
         outcome: str

@@ -289,6 +289,7 @@ async def test_portal_invoices_and_usage(
     await stripe_billing.subscribe("acct-1", cid, "pro", "pm_card_visa", "req-1")
     url = await stripe_billing.portal_url(cid, "https://example.com/account")
     assert url.startswith(stripe_double.base_url)
+    assert any(key.startswith(f"portal:{cid}:") for key in stripe_double._idempotent)
     invoices = await stripe_billing.invoices(cid)
     assert [(i.status, i.amount_due, i.currency) for i in invoices] == [("paid", 9900, "usd")]
 

@@ -20,6 +20,7 @@ from tests.admin.support import (
     encode,
     event,
     invoice_object,
+    official,
     stripe_headers,
     subscription_object,
 )
@@ -409,3 +410,25 @@ async def test_backlog_in_health_and_metrics(
                 "backlog": 0,
                 "oldest_unapplied_age_seconds": 0.0,
             }
+
+
+async def test_unhandled_event_types_are_acknowledged_without_audit(
+    start_admin: StartAdmin, redis_client: redis.Redis, clock: Clock
+) -> None:
+    server = await start_admin()
+    await deliver(server, event("customer.created", official("customer"), created=T0), clock)
+    assert await consumer(server).drain() == 1
+    pending = await redis_client.xpending(keys.WEBHOOK_STREAM, keys.WEBHOOK_GROUP)
+    assert pending["pending"] == 0
+    assert await AuditLog(redis_client).recent() == []
+
+
+async def test_the_account_comes_from_either_metadata_key(
+    start_admin: StartAdmin, redis_client: redis.Redis, clock: Clock
+) -> None:
+    server = await start_admin()
+    obj = subscription_object(customer="cus_unknown")
+    obj["metadata"] = {"metergate_account": "acct-9"}  # what StripeBilling writes
+    await deliver(server, event("customer.subscription.created", obj, created=T0), clock)
+    await consumer(server).drain()
+    assert (await plan(redis_client, "acct-9"))["tier"] == "pro"
