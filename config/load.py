@@ -128,7 +128,10 @@ def validate(config: Config) -> None:
 
 
 def check_url(url: str, key: str) -> None:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # "Invalid IPv6 URL": an unclosed [ in the host
+        raise ConfigError(f"{key}: bad URL {url!r} ({exc})") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{key}: bad URL {url!r} (expected http://host[:port])")
     try:

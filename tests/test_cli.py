@@ -48,6 +48,7 @@ CLI_CASES = [
     "overlapping_route",
     "missing_public_key_file",
     "bad_listen",
+    "bad_upstream_ipv6",
 ]
 
 
@@ -81,6 +82,7 @@ def test_check_refuses_bad_files_in_one_line() -> None:
         ("METERGATE_GATEWAY_LISTEN", "nowhere"),
         ("METERGATE_REDIS_URL", "localhost:6379"),
         ("METERGATE_UPSTREAM_URL", "backend:9000"),
+        ("METERGATE_UPSTREAM_URL", "http://[::1"),
         ("METERGATE_CONFIG", "/nonexistent/gateway.toml"),
     ],
 )

@@ -20,6 +20,7 @@ EXPECTED = {
     "bad_refund_status": "metering.refund_statuses",
     "bad_route_path": "routes[2].path",
     "bad_tier_price": "tiers.gold.monthly_price_usd",
+    "bad_upstream_ipv6": "upstreams.default.url",
     "bad_upstream_port": "upstreams.exports.url",
     "bad_upstream_url": "upstreams.default.url",
     "cost_not_a_number": "routes[2].cost",

@@ -81,7 +81,9 @@ def test_upstream_url_overrides_the_default_upstream_only() -> None:
     assert settings.config.upstreams["admin"].url == "http://127.0.0.1:8081"
 
 
-@pytest.mark.parametrize("url", ["backend:9000", "ftp://backend", "http://", "http://b:x"])
+@pytest.mark.parametrize(
+    "url", ["backend:9000", "ftp://backend", "http://", "http://b:x", "http://[::1"]
+)
 def test_bad_upstream_url(url: str) -> None:
     with pytest.raises(ConfigError, match=r"^METERGATE_UPSTREAM_URL: "):
         load_settings(env=_env(METERGATE_UPSTREAM_URL=url))
