@@ -107,7 +107,7 @@ class RedisQuotaStore:
         self._charge_script = Script(self._charge_src, self._charge_sha)
         self._refund_script = Script(self._refund_src, self._refund_sha)
         self._charge_head = _evalsha(self._charge_sha, 4, 9)
-        self._refund_head = _evalsha(self._refund_sha, 2, 4)
+        self._refund_head = _evalsha(self._refund_sha, 2, 5)
         self._charge_tail = bulk(self._daily_ttl) + bulk(self._grace)
         self._month: tuple[tuple[int, int], bytes] = ((0, 0), b"")
         self._routes: dict[tuple[str, int, str], bytes] = {}
@@ -181,6 +181,7 @@ class RedisQuotaStore:
                     bulk(cost),
                     bulk(decision.overage),
                     bulk(route),
+                    bulk(decision.included),
                 ]
             )
             return int(await self._pipe_call(payload, self._refund_script))
@@ -192,6 +193,7 @@ class RedisQuotaStore:
             cost,
             decision.overage,
             route,
+            decision.included,
         )
         return int(await self._call(self._refund_sha, self._refund_src, args))
 

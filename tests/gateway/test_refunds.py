@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 
 from config import Config
-from gateway import keys
+from gateway import keys, redis_quota
 from gateway.periods import calendar_month, utc_day
 from tests.conftest import Clock, auth, echo, load_test_config
 
@@ -258,3 +258,47 @@ async def test_paid_overage_is_refunded_with_the_units(
     assert (await _fetch(gateway, "/export/pdf", "acct-ov"))[0] == 504
     usage = await redis_client.hgetall(keys.usage_key("acct-ov"))
     assert (int(usage[b"used"]), int(usage[b"overage"])) == (9_998, 0)
+
+
+@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipe", "redis-py"])
+async def test_a_refund_leaves_no_overage_that_was_not_used(
+    start_upstream,
+    start_gateway,
+    redis_client: redis.Redis,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    raw_pipeline: bool,
+) -> None:
+    # X (2 units) is charged 998 -> 1000 inside the quota and its backend answers 503
+    # slowly; meanwhile Y (2 units) is charged 1000 -> 1002, overage 2, and served. Once X
+    # is refunded everything served fits the 1000 included units: no overage is billed.
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
+    x_arrived, release_x = asyncio.Event(), asyncio.Event()
+
+    async def history(request: web.Request) -> web.StreamResponse:
+        if request.match_info["symbol"] == "SLOW":
+            x_arrived.set()
+            await release_x.wait()
+            return web.json_response({"error": "busy"}, status=503)
+        return web.json_response({"ok": True})
+
+    upstream = await start_upstream({"/signals/history/{symbol}": history})
+    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    account = "acct-interleaved"
+    start = int(clock.now) - 10 * DAY
+    plan = {"tier": "starter", "status": "active", "period_start": start,
+            "period_end": start + 30 * DAY}  # fmt: skip
+    await redis_client.hset(keys.plan_key(account), mapping=plan)  # type: ignore[arg-type]
+    await redis_client.hset(
+        keys.usage_key(account), mapping={"period_start": start, "used": 998, "overage": 0}
+    )
+
+    x = asyncio.create_task(_fetch(gateway, "/signals/history/SLOW", account))
+    await asyncio.wait_for(x_arrived.wait(), 5)
+    assert await _fetch(gateway, "/signals/history/OK", account) == (200, b'{"ok": true}')
+    usage = await redis_client.hmget(keys.usage_key(account), "used", "overage")
+    assert [int(v or 0) for v in usage] == [1002, 2]
+    release_x.set()
+    assert (await x)[0] == 503
+    usage = await redis_client.hmget(keys.usage_key(account), "used", "overage")
+    assert [int(v or 0) for v in usage] == [1000, 0]
