@@ -108,6 +108,11 @@ def validate(config: Config) -> None:
     for name, tier in config.tiers.items():
         if not re.fullmatch(r"[a-z][a-z0-9_-]{0,31}", name):
             raise ConfigError(f"tiers.{name}: tier names are lowercase letters, digits, - and _")
+        for field in ("monthly_price_usd", "overage_unit_price_usd"):
+            price = getattr(tier, field)
+            # TOML allows nan and inf; comparing a NaN Decimal raises InvalidOperation.
+            if price is not None and not price.is_finite():
+                raise ConfigError(f"tiers.{name}.{field}: must be a finite number")
         if tier.monthly_price_usd < 0:
             raise ConfigError(f"tiers.{name}.monthly_price_usd: must be >= 0")
         if tier.overage_unit_price_usd is not None and tier.overage_unit_price_usd < 0:

@@ -16,6 +16,9 @@ NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 PosInt = Annotated[int, msgspec.Meta(gt=0)]
 NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
 PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+# Upper bounds also refuse inf (TOML allows it), which would turn a timeout into a hang.
+Timeout = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+Cache = Annotated[float, msgspec.Meta(ge=0, le=86400)]
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
 
@@ -34,7 +37,7 @@ class Tier(_Frozen, frozen=True):
     # A spend limit: at most this many overage units per period (None: unlimited).
     max_overage_units: NonNegInt | None = None
     # Requests per second with a burst (GCRA); 0 disables the rate limit.
-    requests_per_second: NonNegFloat = 0.0
+    requests_per_second: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 0.0
     burst: PosInt = 1
 
     @property
@@ -46,8 +49,8 @@ class Upstream(_Frozen, frozen=True):
     url: str
     # The admin app verifies the JWT itself, so its upstream keeps Authorization.
     forward_authorization: bool = False
-    timeout_seconds: PosFloat = 30.0
-    connect_timeout_seconds: PosFloat = 2.0
+    timeout_seconds: Timeout = 30.0
+    connect_timeout_seconds: Timeout = 2.0
     max_connections: PosInt = 256
 
 
@@ -70,8 +73,8 @@ class Auth(_Frozen, frozen=True):
     # For RS*/ES*/PS*: a PEM public key file, or a JWKS URL (not both).
     public_key_file: str | None = None
     jwks_url: str | None = None
-    jwks_refresh_cooldown_seconds: NonNegFloat = 300.0
-    jwks_cache_seconds: PosFloat = 3600.0
+    jwks_refresh_cooldown_seconds: Cache = 300.0
+    jwks_cache_seconds: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 3600.0
     token_cache_size: NonNegInt = 10_000
 
 
@@ -89,7 +92,8 @@ class Metering(_Frozen, frozen=True):
     # When Redis is unreachable: False answers 503 (fail closed); True lets requests
     # through and counts them for reconciliation.
     fail_open: bool = False
-    redis_timeout_seconds: PosFloat = 0.5
+    # Bounded: the promise is a 503 within about a second when Redis is down.
+    redis_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=5)] = 0.5
     # Pipeline the charges of one event-loop iteration into one Redis write.
     coalesce: bool = True
 

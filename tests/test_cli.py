@@ -49,6 +49,7 @@ CLI_CASES = [
     "missing_public_key_file",
     "bad_listen",
     "bad_upstream_ipv6",
+    "price_nan",
 ]
 
 

@@ -35,14 +35,18 @@ EXPECTED = {
     "newline_in_key": "unknown key",
     "not_toml": "not valid TOML",
     "not_utf8": "not valid TOML",
+    "overage_price_inf": "tiers.pro.overage_unit_price_usd",
     "overlapping_route": "routes[3].path",
+    "price_nan": "tiers.pro.monthly_price_usd",
     "public_route_cost": "routes[2].cost",
+    "redis_timeout_inf": "metering.redis_timeout_seconds",
     "reserved_path": "routes[3].path",
     "unknown_algorithm": "auth.algorithms[1]",
     "unknown_key": "routes[2].prize",
     "unknown_section": "gatway",
     "unknown_tier": "routes[2].tiers",
     "unknown_upstream": "routes[2].upstream",
+    "upstream_timeout_inf": "upstreams.slow.timeout_seconds",
 }
 
 
