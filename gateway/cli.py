@@ -23,9 +23,16 @@ DEV_SECRET_BANNER = """
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    level = os.environ.get("METERGATE_LOG_LEVEL") or "INFO"
+    if not isinstance(logging.getLevelNamesMapping().get(level.upper()), int):
+        print(
+            f"metergate: config error: METERGATE_LOG_LEVEL: unknown level {level!r} "
+            "(expected DEBUG, INFO, WARNING, ERROR or CRITICAL)",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(
-        level=os.environ.get("METERGATE_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         code: int = args.func(args)

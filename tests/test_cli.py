@@ -85,6 +85,8 @@ def test_check_refuses_bad_files_in_one_line() -> None:
         ("METERGATE_UPSTREAM_URL", "backend:9000"),
         ("METERGATE_UPSTREAM_URL", "http://[::1"),
         ("METERGATE_CONFIG", "/nonexistent/gateway.toml"),
+        ("METERGATE_LOG_LEVEL", "bogus"),
+        ("METERGATE_LOG_LEVEL", "1nfo\nx"),
     ],
 )
 def test_check_refuses_a_bad_environment_in_one_line(var: str, value: str) -> None:
