@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
 
@@ -65,14 +65,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if workers == 0:
         workers = os.cpu_count() or 1
     redis_url = env.get("METERGATE_REDIS_URL") or None
-    if redis_url is not None and not redis_url.startswith(_REDIS_SCHEMES):
-        raise ConfigError(
-            "METERGATE_REDIS_URL: expected redis://, rediss://, unix://, redis+cluster:// "
-            "or rediss+cluster:// URL"
-        )
-    cluster = urlsplit(redis_url or "")
-    if cluster.scheme.endswith("+cluster") and cluster.path.strip("/") not in ("", "0"):
-        raise ConfigError("METERGATE_REDIS_URL: a Redis Cluster has only database 0")
+    if redis_url is not None:
+        try:
+            _check_redis_url(redis_url)
+        except ValueError as exc:
+            raise ConfigError(f"METERGATE_REDIS_URL: {exc}") from None
     secret = env.get("METERGATE_JWT_SECRET") or ""
     _check_secret_length(secret, config)
     return Settings(
@@ -87,6 +84,35 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         admin_port=ad_port,
         workers=workers,
     )
+
+
+def _check_redis_url(url: str) -> None:
+    # redis-py reads a bad port or database late (at the first command, from a worker) or
+    # not at all ("/abc" silently means database 0): refuse them at start instead.
+    if not url.startswith(_REDIS_SCHEMES):
+        raise ValueError(
+            "expected redis://, rediss://, unix://, redis+cluster:// or rediss+cluster:// URL"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a non-numeric or out-of-range port
+    except ValueError as exc:
+        raise ValueError(f"bad URL ({exc})") from None
+    query = parse_qs(parts.query)
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError("unix:// needs a socket path (unix:///path/to/redis.sock)")
+        db = query.get("db", [""])[-1]
+    else:
+        if not parts.hostname:
+            raise ValueError(f"{parts.scheme}:// needs a host (e.g. {parts.scheme}://host:6379)")
+        if port == 0:
+            raise ValueError("port 0 is not a Redis port (expected 1-65535)")
+        db = query.get("db", [unquote(parts.path).strip("/")])[-1]
+    if db and not (db.isascii() and db.isdigit()):
+        raise ValueError(f"database {db!r} is not a number")
+    if parts.scheme.endswith("+cluster") and db not in ("", "0"):
+        raise ValueError("a Redis Cluster has only database 0")
 
 
 def _check_secret_length(secret: str, config: Config) -> None:

@@ -82,6 +82,8 @@ def test_check_refuses_bad_files_in_one_line() -> None:
         ("METERGATE_GATEWAY_WORKERS", "²"),
         ("METERGATE_GATEWAY_LISTEN", "nowhere"),
         ("METERGATE_REDIS_URL", "localhost:6379"),
+        ("METERGATE_REDIS_URL", "redis://:pw@[::1"),
+        ("METERGATE_REDIS_URL", "redis://127.0.0.1:notaport/0"),
         ("METERGATE_UPSTREAM_URL", "backend:9000"),
         ("METERGATE_UPSTREAM_URL", "http://[::1"),
         ("METERGATE_CONFIG", "/nonexistent/gateway.toml"),

@@ -64,15 +64,44 @@ def test_short_secret_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["redis://10.0.0.5:6379/2", "rediss://user:pw@redis.internal:6380/0", "unix:///r.sock"]
+    "url",
+    [
+        "redis://10.0.0.5:6379/2",
+        "rediss://user:pw@redis.internal:6380/0",
+        "unix:///r.sock",
+        "unix:///r.sock?db=3",
+        "redis://[::1]:6379",
+        "redis+cluster://10.0.0.5:7000",
+        "rediss+cluster://10.0.0.5:7000/0",
+    ],
 )
 def test_redis_url(url: str) -> None:
     assert load_settings(env=_env(METERGATE_REDIS_URL=url)).redis_url == url
 
 
-def test_bad_redis_url() -> None:
-    with pytest.raises(ConfigError, match=r"^METERGATE_REDIS_URL: "):
-        load_settings(env=_env(METERGATE_REDIS_URL="http://localhost:6379"))
+@pytest.mark.parametrize(
+    ("url", "detail"),
+    [
+        ("http://localhost:6379", "expected redis://"),
+        ("redis://127.0.0.1:notaport/0", "bad URL"),
+        ("redis://127.0.0.1:70000/0", "bad URL"),
+        ("redis://127.0.0.1:0/0", "port 0"),
+        ("redis://:pw@[::1", "Invalid IPv6 URL"),
+        ("redis://", "needs a host"),
+        ("rediss://:6379/0", "needs a host"),
+        ("unix://", "needs a socket path"),
+        ("redis://host/abc", "database 'abc' is not a number"),
+        ("unix:///r.sock?db=x", "database 'x' is not a number"),
+        ("redis+cluster://127.0.0.1:7000/1", "only database 0"),
+        ("redis+cluster://127.0.0.1:7000?db=2", "only database 0"),
+    ],
+)
+def test_bad_redis_url(url: str, detail: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=_env(METERGATE_REDIS_URL=url))
+    message = str(caught.value)
+    assert message.startswith("METERGATE_REDIS_URL: ") and detail in message
+    assert "pw" not in message  # the URL may carry a password: never echo it
 
 
 def test_upstream_url_overrides_the_default_upstream_only() -> None:
