@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from config import ConfigError, Settings, load_settings
 
@@ -78,6 +78,17 @@ def _settings() -> Settings:
     return load_settings()
 
 
+def _serving(serve: Callable[[], int]) -> int:
+    # A port in use is an operator's everyday mistake: one line, not an OSError traceback.
+    from gateway.server import ListenError
+
+    try:
+        return serve()
+    except ListenError as exc:
+        print(f"metergate: {exc}", file=sys.stderr)
+        return 1
+
+
 def warn_dev_secret(settings: Settings) -> None:
     hmac = all(a.startswith("HS") for a in settings.config.auth.algorithms)
     if settings.dev_secret and hmac:
@@ -118,7 +129,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 def _gateway_worker(index: int) -> None:
     # Runs in a spawned worker process: settings are read again from the same environment.
     from gateway.app import create_app, direct_handler
-    from gateway.server import Site, run, serve
+    from gateway.server import ListenError, Site, run, serve
 
     settings = load_settings()
     site = Site(
@@ -129,7 +140,13 @@ def _gateway_worker(index: int) -> None:
         runner_args=gateway_runner_args(settings),
         handler=direct_handler,
     )
-    run(serve([site]))
+    try:
+        run(serve([site]))
+    except ListenError as exc:
+        if settings.workers == 1:
+            raise
+        print(f"metergate: worker {index}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def gateway_runner_args(settings: Settings) -> dict[str, object]:
@@ -154,19 +171,25 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         "" if settings.workers == 1 else "s",
         "configured" if settings.redis_url else "redis://127.0.0.1:6379/0 (default)",
     )
-    if settings.workers == 1:
-        _gateway_worker(0)
-    else:
-        from gateway.server import run_workers
 
-        run_workers(_gateway_worker, settings.workers)
-    return 0
+    def gateway() -> int:
+        if settings.workers == 1:
+            _gateway_worker(0)
+            return 0
+        from gateway.server import check_listen, run_workers
+
+        # Checked here so a port in use is one line, not every worker failing in a loop.
+        check_listen(settings.gateway_host, settings.gateway_port, reuse_port=True)
+        return run_workers(_gateway_worker, settings.workers)
+
+    return _serving(gateway)
 
 
 def _cmd_admin(args: argparse.Namespace) -> int:
     from gateway.dev import run_admin
 
-    return run_admin(_settings())
+    settings = _settings()
+    return _serving(lambda: run_admin(settings))
 
 
 def _cmd_stripe_setup(args: argparse.Namespace) -> int:
@@ -178,7 +201,8 @@ def _cmd_stripe_setup(args: argparse.Namespace) -> int:
 def _cmd_up(args: argparse.Namespace) -> int:
     from gateway.dev import run_up
 
-    return run_up(_settings(), data_dir=args.data_dir)
+    settings = _settings()
+    return _serving(lambda: run_up(settings, data_dir=args.data_dir))
 
 
 if __name__ == "__main__":  # pragma: no cover

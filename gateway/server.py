@@ -14,6 +14,8 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -25,6 +27,36 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class ListenError(Exception):
+    """A site could not bind its address; the message is one line for the operator."""
+
+    def __init__(self, host: str, port: int, exc: OSError) -> None:
+        # "address already in use", not aiohttp's "[Errno 98] error while attempting ...".
+        if isinstance(exc, socket.gaierror) or not exc.errno:
+            reason = exc.strerror or str(exc)
+        else:
+            reason = os.strerror(exc.errno)
+        super().__init__(f"cannot listen on {_address(host, port)}: {reason.lower()}")
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
+    """Raise ListenError when ``host:port`` cannot be bound now (in use, bad host, ...)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind(address)
+    except OSError as exc:  # gaierror included: an unknown host
+        raise ListenError(host, port, exc) from None
 
 
 @dataclass
@@ -75,9 +107,13 @@ async def serve(
                 )
                 await runner.setup()
                 runners.append(runner)
-            await web.TCPSite(
+            tcp = web.TCPSite(
                 runner, site.host, site.port, reuse_port=site.reuse_port, backlog=1024
-            ).start()
+            )
+            try:
+                await tcp.start()
+            except OSError as exc:
+                raise ListenError(site.host, site.port, exc) from None
         _settle_gc()
         if started is not None:
             started()
@@ -103,25 +139,43 @@ def _settle_gc() -> None:
     gc.set_threshold(GC_THRESHOLD, 20, 20)
 
 
-def run_workers(target: Callable[[int], None], workers: int) -> None:
-    """Start ``workers`` processes running ``target(index)``; restart any that crash."""
+# A worker that dies this soon after starting, this many times in a row, is not
+# going to come up (a port taken, a bad environment): restarting it forever only spins.
+FAST_EXIT_SECONDS = 5.0
+MAX_FAST_EXITS = 5
+
+
+def run_workers(
+    target: Callable[[int], None],
+    workers: int,
+    *,
+    fast_exit_seconds: float = FAST_EXIT_SECONDS,
+    max_fast_exits: int = MAX_FAST_EXITS,
+) -> int:
+    """Start ``workers`` processes running ``target(index)``; restart any that crash.
+
+    Returns 0 after SIGINT/SIGTERM, 1 when a worker crash-loops at start.
+    """
     metrics_dir = tempfile.mkdtemp(prefix="metergate-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     ctx = multiprocessing.get_context("spawn")
     procs: dict[int, multiprocessing.process.BaseProcess] = {}
+    started_at: dict[int, float] = {}
+    fast_exits: dict[int, int] = {}
     stopping = False
+    code = 0
 
     def on_signal(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def start(index: int) -> None:
         proc = ctx.Process(target=target, args=(index,), name=f"metergate-worker-{index}")
         proc.start()
         procs[index] = proc
+        started_at[index] = time.monotonic()
 
     try:
         for index in range(workers):
@@ -129,10 +183,25 @@ def run_workers(target: Callable[[int], None], workers: int) -> None:
         while not stopping:
             time.sleep(0.2)
             for index, proc in list(procs.items()):
-                if not proc.is_alive() and not stopping:
-                    log.error("worker %d exited with %s; restarting", index, proc.exitcode)
-                    _mark_dead(metrics_dir, proc.pid)
-                    start(index)
+                if proc.is_alive() or stopping:
+                    continue
+                _mark_dead(metrics_dir, proc.pid)
+                if time.monotonic() - started_at[index] < fast_exit_seconds:
+                    fast_exits[index] = fast_exits.get(index, 0) + 1
+                else:
+                    fast_exits[index] = 0
+                if fast_exits[index] >= max_fast_exits:
+                    print(
+                        f"metergate: worker {index} exited with {proc.exitcode} within "
+                        f"{fast_exit_seconds:g}s of starting {fast_exits[index]} times in a row; "
+                        "giving up",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    stopping, code = True, 1
+                    break
+                log.error("worker %d exited with %s; restarting", index, proc.exitcode)
+                start(index)
     finally:
         for proc in procs.values():
             if proc.is_alive() and proc.pid is not None:
@@ -142,6 +211,9 @@ def run_workers(target: Callable[[int], None], workers: int) -> None:
             if proc.is_alive():
                 proc.kill()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
 
 
 def _mark_dead(metrics_dir: str, pid: int | None) -> None:

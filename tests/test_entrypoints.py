@@ -182,3 +182,57 @@ def test_admin_refuses_a_cluster_url_in_one_line() -> None:
         "metergate: config error: METERGATE_REDIS_URL: the admin app does not support "
         "Redis Cluster yet; give it a plain redis:// URL"
     ]
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["gateway"], {}),
+        (["gateway"], {"METERGATE_GATEWAY_WORKERS": "2"}),
+        (["admin"], {}),
+        (["up"], {}),
+    ],
+)
+def test_a_port_in_use_is_one_line(tmp_path: Path, args: list[str], env: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        free = _free_port()
+        listen = {"METERGATE_GATEWAY_LISTEN": f"127.0.0.1:{port}"}
+        if args == ["admin"]:
+            listen = {"METERGATE_ADMIN_LISTEN": f"127.0.0.1:{port}"}
+        elif args == ["up"]:
+            args = ["up", "--data-dir", str(tmp_path / "var")]
+            listen["METERGATE_ADMIN_LISTEN"] = f"127.0.0.1:{free}"
+            listen["METERGATE_UPSTREAM_URL"] = f"http://127.0.0.1:{_free_port()}"
+        result = subprocess.run(
+            [METERGATE, *args],
+            env=_env(METERGATE_JWT_SECRET=SECRET, **listen, **env),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("metergate: ")]
+    assert errors == [f"metergate: cannot listen on 127.0.0.1:{port}: address already in use"]
+
+
+def _exit_at_once(index: int) -> None:
+    sys.exit(3)
+
+
+def test_workers_that_crash_at_start_are_not_restarted_forever(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.server import run_workers
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # run_workers sets it; restore it
+    started = time.monotonic()
+    code = run_workers(_exit_at_once, 2, fast_exit_seconds=30, max_fast_exits=3)
+    assert code == 1
+    assert time.monotonic() - started < 30
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert "exited with 3" in lines[0] and "3 times in a row; giving up" in lines[0]
