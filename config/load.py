@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -129,6 +130,8 @@ def validate(config: Config) -> None:
     for status in config.metering.refund_statuses:
         if not 500 <= status <= 599:
             raise ConfigError(f"metering.refund_statuses: {status} is not a 5xx status")
+    if len(set(config.metering.refund_statuses)) != len(config.metering.refund_statuses):
+        raise ConfigError("metering.refund_statuses: a status is listed twice")
     _validate_routes(config)
 
 
@@ -140,9 +143,14 @@ def check_url(url: str, key: str) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{key}: bad URL {url!r} (expected http://host[:port])")
     try:
-        parts.port  # noqa: B018 - raises on a bad port
+        port = parts.port
     except ValueError:
         raise ConfigError(f"{key}: bad port in URL {url!r}") from None
+    if port == 0:
+        raise ConfigError(f"{key}: bad port in URL {url!r} (expected 1-65535)")
+    if parts.username is not None or parts.password is not None:
+        # The client would drop them silently; credentials do not belong in gateway.toml.
+        raise ConfigError(f"{key}: URL may not carry user:password@ (secrets stay out of the file)")
     if parts.query or parts.fragment:
         raise ConfigError(f"{key}: URL {url!r} may not carry a query or fragment")
 
@@ -152,7 +160,27 @@ def parse_listen(value: str) -> tuple[str, int]:
     # isascii: str.isdigit accepts fullwidth digits, which int() reads as ASCII ones.
     if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f"bad listen address {value!r} (expected host:port)")
-    return host.strip("[]"), int(port)
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = host[1:-1] if bracketed else host
+    if not _is_host(host, ipv6=bracketed or ":" in host):
+        raise ValueError(f"bad listen address {value!r} (host is not an IP address or hostname)")
+    return host, int(port)
+
+
+def _is_host(host: str, *, ipv6: bool) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if ipv6 or address is not None:
+        return address is not None and (address.version == 6) == ipv6
+    labels = host.removesuffix(".").split(".")
+    # An all-numeric last label is a (bad) IPv4 address such as 999.1.1.1, not a name.
+    return (
+        len(host) <= 253
+        and all(re.fullmatch(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)", label) for label in labels)
+        and not labels[-1].isdigit()
+    )
 
 
 def _validate_listen(listen: str, key: str) -> None:

@@ -19,6 +19,10 @@ PosFloat = Annotated[float, msgspec.Meta(gt=0)]
 # Upper bounds also refuse inf (TOML allows it), which would turn a timeout into a hang.
 Timeout = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 Cache = Annotated[float, msgspec.Meta(ge=0, le=86400)]
+# Counts of units: the Lua script works in doubles, exact only below 2**53.
+Units = Annotated[int, msgspec.Meta(ge=0, lt=2**53)]
+# Seconds handed to Redis (TTLs, grace): at most about 68 years.
+Seconds = Annotated[int, msgspec.Meta(ge=0, lt=2**31)]
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 Algorithm = Literal["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
 
@@ -31,14 +35,14 @@ class Tier(_Frozen, frozen=True):
     """A subscription tier: what it costs and how many units it includes."""
 
     monthly_price_usd: Decimal
-    included_units: NonNegInt
+    included_units: Units
     # None means no overage: the tier stops hard at its included units.
     overage_unit_price_usd: Decimal | None = None
     # A spend limit: at most this many overage units per period (None: unlimited).
-    max_overage_units: NonNegInt | None = None
+    max_overage_units: Units | None = None
     # Requests per second with a burst (GCRA); 0 disables the rate limit.
     requests_per_second: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 0.0
-    burst: PosInt = 1
+    burst: Annotated[int, msgspec.Meta(gt=0, le=1_000_000)] = 1
 
     @property
     def allows_overage(self) -> bool:
@@ -51,13 +55,14 @@ class Upstream(_Frozen, frozen=True):
     forward_authorization: bool = False
     timeout_seconds: Timeout = 30.0
     connect_timeout_seconds: Timeout = 2.0
-    max_connections: PosInt = 256
+    max_connections: Annotated[int, msgspec.Meta(gt=0, le=65535)] = 256
 
 
 class Route(_Frozen, frozen=True):
     path: str
     methods: tuple[Method, ...] = ("GET",)
-    cost: NonNegInt = 0
+    # Below 2**31: larger costs cannot be charged exactly (every request would be a 503).
+    cost: Annotated[int, msgspec.Meta(ge=0, lt=2**31)] = 0
     upstream: str = "default"
     # A public route needs no token (pricing, Stripe's webhook); it must cost 0.
     public: bool = False
@@ -69,20 +74,21 @@ class Auth(_Frozen, frozen=True):
     algorithms: tuple[Algorithm, ...] = ("HS256",)
     issuer: str | None = None
     audience: str | None = None
-    leeway_seconds: NonNegInt = 30
+    # Clock skew allowance: minutes at most, or expired tokens stay valid.
+    leeway_seconds: Annotated[int, msgspec.Meta(ge=0, le=300)] = 30
     # For RS*/ES*/PS*: a PEM public key file, or a JWKS URL (not both).
     public_key_file: str | None = None
     jwks_url: str | None = None
     jwks_refresh_cooldown_seconds: Cache = 300.0
     jwks_cache_seconds: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 3600.0
-    token_cache_size: NonNegInt = 10_000
+    token_cache_size: Annotated[int, msgspec.Meta(ge=0, le=10_000_000)] = 10_000
 
 
 class Billing(_Frozen, frozen=True):
     # A past_due subscription keeps its paid tier this long after the first failed payment.
-    past_due_grace_seconds: NonNegInt = 3 * 24 * 3600
+    past_due_grace_seconds: Seconds = 3 * 24 * 3600
     # Per-day per-route analytics are kept this long.
-    daily_usage_ttl_seconds: PosInt = 40 * 24 * 3600
+    daily_usage_ttl_seconds: Annotated[int, msgspec.Meta(gt=0, lt=2**31)] = 40 * 24 * 3600
 
 
 class Metering(_Frozen, frozen=True):
@@ -99,7 +105,7 @@ class Metering(_Frozen, frozen=True):
 
 
 class Limits(_Frozen, frozen=True):
-    max_request_body_bytes: NonNegInt = 10 * 1024 * 1024
+    max_request_body_bytes: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] = 10 * 1024 * 1024
     max_header_bytes: PosInt = 8190
     max_line_bytes: PosInt = 8190
 

@@ -23,10 +23,16 @@ EXPECTED = {
     "bad_upstream_ipv6": "upstreams.default.url",
     "bad_upstream_port": "upstreams.exports.url",
     "bad_upstream_url": "upstreams.default.url",
+    "cost_beyond_lua": "routes[2].cost",
+    "cost_huge": "routes[2].cost",
     "cost_not_a_number": "routes[2].cost",
+    "duplicate_refund_status": "metering.refund_statuses",
     "duplicate_route": "routes[3].path",
     "empty_tiers": "routes[2].tiers",
     "free_tier_overage": "tiers.free.overage_unit_price_usd",
+    "included_units_huge": "tiers.pro.included_units",
+    "leeway_huge": "auth.leeway_seconds",
+    "listen_bad_ip": "gateway.listen",
     "missing_default_upstream": "upstreams.default",
     "missing_free_tier": "tiers.free",
     "missing_public_key_file": "auth.public_key_file",
@@ -39,6 +45,7 @@ EXPECTED = {
     "overlapping_route": "routes[3].path",
     "price_nan": "tiers.pro.monthly_price_usd",
     "public_route_cost": "routes[2].cost",
+    "redis_timeout_huge": "metering.redis_timeout_seconds",
     "redis_timeout_inf": "metering.redis_timeout_seconds",
     "reserved_path": "routes[3].path",
     "unknown_algorithm": "auth.algorithms[1]",
@@ -46,7 +53,9 @@ EXPECTED = {
     "unknown_section": "gatway",
     "unknown_tier": "routes[2].tiers",
     "unknown_upstream": "routes[2].upstream",
+    "upstream_port_zero": "upstreams.exports.url",
     "upstream_timeout_inf": "upstreams.slow.timeout_seconds",
+    "upstream_userinfo": "upstreams.exports.url",
 }
 
 
@@ -153,6 +162,21 @@ included_units = 100
         ('[auth]\nalgorithms = ["RS256"]\njwks_url = "not a url"', "auth.jwks_url"),
         ('[auth]\njwks_url = "https://idp.test/jwks"', "auth"),
         ("[auth]\nleeway_seconds = -1", "auth.leeway_seconds"),
+        (
+            "[tiers.x]\nmonthly_price_usd = 1\nincluded_units = 1\nrequests_per_second = 2e6",
+            "tiers.x.requests_per_second",
+        ),
+        ("[tiers.x]\nmonthly_price_usd = 1\nincluded_units = 1\nburst = 2000000", "tiers.x.burst"),
+        ("[auth]\ntoken_cache_size = 100000000", "auth.token_cache_size"),
+        ("[auth]\njwks_cache_seconds = inf", "auth.jwks_cache_seconds"),
+        ('[auth]\nalgorithms = ["RS256"]\njwks_url = "https://u:p@idp.test/j"', "auth.jwks_url"),
+        ("[billing]\ndaily_usage_ttl_seconds = 4294967296", "billing.daily_usage_ttl_seconds"),
+        (
+            '[upstreams.x]\nurl = "http://h"\nmax_connections = 100000',
+            "upstreams.x.max_connections",
+        ),
+        ('[admin]\nlisten = "[127.0.0.1]:8081"', "admin.listen"),
+        ('[admin]\nlisten = "bad_host:8081"', "admin.listen"),
     ],
 )
 def test_cross_field_rules(extra: str, key: str) -> None:

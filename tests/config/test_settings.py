@@ -111,7 +111,16 @@ def test_upstream_url_overrides_the_default_upstream_only() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["backend:9000", "ftp://backend", "http://", "http://b:x", "http://[::1"]
+    "url",
+    [
+        "backend:9000",
+        "ftp://backend",
+        "http://",
+        "http://b:x",
+        "http://[::1",
+        "http://b:0",
+        "http://u:p@b",
+    ],
 )
 def test_bad_upstream_url(url: str) -> None:
     with pytest.raises(ConfigError, match=r"^METERGATE_UPSTREAM_URL: "):
@@ -136,7 +145,17 @@ def test_listen_addresses(value: str, host: str, port: int) -> None:
 
 @pytest.mark.parametrize("var", ["METERGATE_GATEWAY_LISTEN", "METERGATE_ADMIN_LISTEN"])
 @pytest.mark.parametrize(
-    "value", ["8080", ":8080", "host:", "host:99999", "host:http", "h:\uff18\uff10"]
+    "value",
+    [
+        "8080",
+        ":8080",
+        "host:",
+        "host:99999",
+        "host:http",
+        "h:\uff18\uff10",
+        "999.1.1.1:80",
+        "[h]:80",
+    ],
 )
 def test_bad_listen_address(var: str, value: str) -> None:
     with pytest.raises(ConfigError) as caught:
