@@ -108,6 +108,9 @@ class Limits(_Frozen, frozen=True):
     max_request_body_bytes: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] = 10 * 1024 * 1024
     max_header_bytes: PosInt = 8190
     max_line_bytes: PosInt = 8190
+    # Each read of a client's request body and each write of the answer to it must make
+    # progress within this: a client that stalls must not hold a backend connection.
+    client_body_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
 
 
 class GatewaySection(_Frozen, frozen=True):

@@ -7,6 +7,7 @@ pay for our failures and nobody reaches a route without paying for it first.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -50,6 +51,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _ClientStalled(Exception):
+    """The client's request body made no progress within the client timeout."""
+
+
 class Proxy:
     def __init__(
         self,
@@ -70,6 +75,7 @@ class Proxy:
         self._clock = clock
         self._refund_statuses = frozenset(config.metering.refund_statuses)
         self._max_body = config.limits.max_request_body_bytes
+        self._client_timeout = config.limits.client_body_timeout_seconds
         self._route_metrics = {r.name: metrics.RouteMetrics(r.name) for r in self._table.routes}
         self._unmatched = metrics.RouteMetrics("(unmatched)")
         self._upstream_prefixes = {
@@ -217,16 +223,31 @@ class Proxy:
             await self._refund(claims.sub, route, decision, rm, kind)
 
         data: bytes | AsyncIterator[bytes] | None = None
-        if request.body_exists:
-            await _continue(request)
-            length = request.content_length
-            small = length is not None and length <= _SMALL
-            data = await request.read() if small else self._body(request)
         try:
+            if request.body_exists:
+                await _continue(request)
+                length = request.content_length
+                if length is not None and length <= _SMALL:
+                    try:
+                        async with asyncio.timeout(self._client_timeout):
+                            data = await request.read()
+                    except TimeoutError:
+                        raise _ClientStalled from None
+                else:
+                    data = self._body(request)
             upstream_resp = await self._pools[route.upstream_name].request(
                 request.method, target, out_headers, data
             )
-        except (UpstreamError, _BodyTooLarge) as exc:
+        except (UpstreamError, _BodyTooLarge, _ClientStalled) as exc:
+            if isinstance(exc, _ClientStalled):
+                # A stalled upload (the pool discarded the backend connection it held, never
+                # to be reused mid-request): the client is not served, so it does not pay,
+                # and its connection is dropped, its body being half read.
+                await refund("client_timeout")
+                resp = json_error(408, "request_timeout", "the request body did not arrive in time")
+                self._finish(rm, resp, started)
+                await _send_and_hang_up(request, resp)
+                return resp
             if isinstance(exc, _BodyTooLarge):
                 status, code, message, kind = 413, "body_too_large", "request body too large", ""
             elif isinstance(exc, UpstreamTimeout):
@@ -251,7 +272,18 @@ class Proxy:
 
     async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
         seen = 0
-        async for chunk in request.content.iter_any():
+        content = request.content
+        timeout = self._client_timeout
+        while True:
+            # An idle deadline per read, not one for the whole body: a large upload that
+            # keeps moving may take as long as it needs.
+            try:
+                async with asyncio.timeout(timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise _ClientStalled from None
+            if not chunk:
+                return
             seen += len(chunk)
             if seen > self._max_body:
                 raise _BodyTooLarge
@@ -297,9 +329,19 @@ class Proxy:
         if no_body:
             await resp.write_eof()
             return resp
+        timeout = self._client_timeout
         try:
             while chunk := await upstream_resp.read():
-                await resp.write(chunk)
+                async with asyncio.timeout(timeout):
+                    await resp.write(chunk)
+            async with asyncio.timeout(timeout):
+                await resp.write_eof()
+        except TimeoutError:
+            # The client stopped reading: drop it rather than hold the backend connection.
+            # The backend answered, so there is nothing to refund.
+            if request.transport is not None:
+                request.transport.close()
+            return resp
         except BodyCut as exc:
             # The backend died mid-answer: the client got a cut body, so it does not pay.
             metrics.UPSTREAM_ERRORS.labels("stream", "truncated").inc()
@@ -311,7 +353,6 @@ class Proxy:
         except ConnectionResetError:
             # The client went away: it was served what it read; nothing to refund.
             return resp
-        await resp.write_eof()
         return resp
 
     async def _refund(
@@ -339,6 +380,19 @@ async def _continue(request: web.BaseRequest) -> None:
     expect = request.headers.get("Expect")
     if expect and expect.lower() == "100-continue" and request.version == (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+async def _send_and_hang_up(request: web.BaseRequest, resp: web.StreamResponse) -> None:
+    # Closing the protocol, not just asking for Connection: close: aiohttp would otherwise
+    # keep reading ("lingering") the rest of the unread body for up to ten seconds. The
+    # transport sends what is buffered before it closes.
+    resp.force_close()
+    try:
+        await resp.prepare(request)
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass
+    request.protocol.force_close()
 
 
 def _ratelimit_headers(decision: Decision, now: float) -> CIMultiDict[str]:

@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 import redis.asyncio as redis
 from aiohttp import web
 
+from config import Config
 from gateway import keys
 from tests.conftest import auth, echo, load_test_config, make_token, replace_section
 
@@ -389,3 +391,92 @@ async def test_repeated_forwarding_headers_are_joined_not_dropped(
             seen = _seen(await resp.json())
     assert seen["x-forwarded-for"] == ["203.0.113.7, 198.51.100.2, 127.0.0.1"]
     assert seen["via"] == ["1.0 first, 1.1 second, 1.1 metergate"]
+
+
+# -- clients that stall -------------------------------------------------------------------
+
+
+def _tight(config: Config, *, max_connections: int) -> Config:
+    """At most max_connections to the backend, a client timeout of half a second."""
+    upstreams = dict(config.upstreams)
+    upstreams["default"] = msgspec.structs.replace(
+        upstreams["default"], max_connections=max_connections, connect_timeout_seconds=3.0
+    )
+    config = msgspec.structs.replace(config, upstreams=upstreams)
+    return replace_section(config, limits={"client_body_timeout_seconds": 0.5})
+
+
+async def test_stalled_uploads_get_408_refunded_and_free_their_backend_connections(
+    start_upstream, start_gateway, redis_client: redis.Redis
+) -> None:
+    arrived = asyncio.Semaphore(0)
+
+    async def store(request: web.Request) -> web.StreamResponse:
+        arrived.release()
+        return await echo(request)
+
+    upstream = await start_upstream({"/{tail:.*}": store})
+    config = load_test_config(str(upstream.make_url("")), extra=UPLOAD_ROUTE)
+    gateway = await start_gateway(_tight(config, max_connections=2))
+    stalled = []
+    for n in range(2):
+        # The first chunk of a chunked body, then nothing: each holds a backend connection.
+        head = (
+            "POST /signals/upload HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
+            f"Authorization: Bearer {make_token(f'acct-stall-{n}')}\r\n\r\n5\r\nhello\r\n"
+        )
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(head.encode())
+        stalled.append((reader, writer))
+    for _ in range(2):
+        await asyncio.wait_for(arrived.acquire(), 5)
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-third")) as resp:
+            assert resp.status == 200
+    assert loop.time() - started < 1.5
+
+    for n, (reader, writer) in enumerate(stalled):
+        answer = await asyncio.wait_for(reader.read(), 5)  # then the gateway hangs up
+        assert answer.startswith(b"HTTP/1.1 408 ")
+        assert b'"request_timeout"' in answer
+        writer.close()
+        assert await _used(redis_client, f"acct-stall-{n}") == 0
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_frees_the_backend(
+    start_upstream, start_gateway, redis_client: redis.Redis
+) -> None:
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for _ in range(2000):  # 128 MB: far more than the socket buffers hold
+            await resp.write(b"x" * 65536)
+        await resp.write_eof()
+        return resp
+
+    upstream = await start_upstream({"/export/csv": big, "/{tail:.*}": echo})
+    gateway = await start_gateway(
+        _tight(load_test_config(str(upstream.make_url(""))), max_connections=1)
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        f"GET /export/csv HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {make_token('acct-stuck')}\r\n\r\n".encode()
+    )
+    # Never read: the gateway's writes fill the socket buffers, then stall.
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-next")) as resp:
+            assert resp.status == 200
+    assert loop.time() - started < 2.5
+    received = 0
+    while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+        received += len(chunk)
+    assert received < 2000 * 65536  # cut off, not served whole
+    writer.close()
+    # The backend answered: the units stay charged.
+    assert await _used(redis_client, "acct-stuck") == 3
