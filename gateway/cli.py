@@ -89,15 +89,25 @@ def _serving(serve: Callable[[], int]) -> int:
         return 1
 
 
+def uses_dev_secret(settings: Settings) -> bool:
+    return settings.dev_secret and all(a.startswith("HS") for a in settings.config.auth.algorithms)
+
+
 def warn_dev_secret(settings: Settings) -> None:
-    hmac = all(a.startswith("HS") for a in settings.config.auth.algorithms)
-    if settings.dev_secret and hmac:
+    if uses_dev_secret(settings):
         log.warning(DEV_SECRET_BANNER)
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
     settings = _settings()
     config = settings.config
+    if uses_dev_secret(settings):
+        # One line on stderr: check's output is read by scripts and CI, not watched.
+        print(
+            "metergate: warning: METERGATE_JWT_SECRET is not set: the fixed development "
+            "secret would be used (anyone can mint tokens)",
+            file=sys.stderr,
+        )
     print(
         f"{settings.config_path}: OK — {len(config.routes)} routes, "
         f"{len(config.tiers)} tiers, {len(config.upstreams)} upstreams"
