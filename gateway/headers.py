@@ -28,8 +28,28 @@ VIA = "1.1 metergate"
 
 # Never forwarded upstream: the upstream pool sets Host from the upstream URL and the
 # gateway's server answers Expect itself; the forwarding headers are rewritten by the
-# gateway, not trusted from clients.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "x-forwarded-host", "x-forwarded-proto"}
+# gateway, not trusted from clients. `Forwarded` (RFC 7239) is dropped and not set: the
+# gateway speaks X-Forwarded-*, and a client's `Forwarded: for=...` would be believed by
+# a backend that reads it. The URL and method overrides would let a framework serve
+# another route or method than the one priced.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "expect",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "forwarded",
+    "x-real-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+}
+# CGI and WSGI servers (and nginx, PHP, Rails) read `X_Metergate_Account` as
+# HTTP_X_METERGATE_ACCOUNT, the same variable as the trusted `X-Metergate-Account`. So a
+# name with '_' is dropped when, read with '-', it names a header the gateway removes,
+# sets or rewrites. Other names with '_' pass: some APIs use them and they spoof nothing.
+_UNDERSCORE_DROP = _REQUEST_DROP | {"x-forwarded-for", "via", "authorization"}
 
 
 def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
@@ -55,6 +75,10 @@ def upstream_request_headers(
         lower = name.lower()
         if lower in drop or lower.startswith(IDENTITY_PREFIX):
             continue
+        if "_" in lower:
+            dashed = lower.replace("_", "-")
+            if dashed in _UNDERSCORE_DROP or dashed.startswith(IDENTITY_PREFIX):
+                continue
         out.add(name, value)
     if client_ip:
         out["X-Forwarded-For"] = _append(headers, "X-Forwarded-For", client_ip)

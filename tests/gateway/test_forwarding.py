@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -480,3 +481,96 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_the_backend(
     writer.close()
     # The backend answered: the units stay charged.
     assert await _used(redis_client, "acct-stuck") == 3
+
+
+# -- spoofing through header spellings ----------------------------------------------------
+
+
+async def _raw_echo(port: int, lines: list[str]) -> dict[str, list[str]]:
+    """Send a GET /signals with these header lines over a raw socket; what the backend saw."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = ["GET /signals HTTP/1.1", "Host: gw", "Connection: close", *lines]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 200 "), data
+    return _seen(json.loads(rest.partition(b"\r\n\r\n")[2]))
+
+
+async def test_underscore_spellings_of_trusted_headers_are_dropped(
+    start_upstream, start_gateway
+) -> None:
+    # CGI/WSGI map X_Metergate_Account and X-Metergate-Account to the same variable.
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    seen = await _raw_echo(
+        gateway.port,
+        [
+            f"Authorization: Bearer {make_token('acct-under')}",
+            "X_Metergate_Account: victim",
+            "x_metergate_tier: enterprise",
+            "X_METERGATE_ROLE: admin",
+            "X-Metergate_Units: 0",
+            "X_Forwarded_For: 6.6.6.6",
+            "X_Forwarded_Host: evil.example",
+            "X_Forwarded_Proto: https",
+            "X_Real_IP: 6.6.6.6",
+            "X_Original_URL: /export/pdf",
+            "Proxy_Authorization: Basic eA==",
+            "X_Custom_Tag: kept",
+        ],
+    )
+    names = set(seen)
+    assert not {n for n in names if n.replace("_", "-").startswith("x-metergate-")} - {
+        "x-metergate-account",
+        "x-metergate-tier",
+        "x-metergate-units",
+    }
+    assert seen["x-metergate-account"] == ["acct-under"]
+    assert seen["x-metergate-tier"] == ["free"]
+    assert seen["x-metergate-units"] == ["1"]
+    for gone in (
+        "x_forwarded_for",
+        "x_forwarded_host",
+        "x_forwarded_proto",
+        "x_real_ip",
+        "x_original_url",
+        "proxy_authorization",
+    ):
+        assert gone not in seen, gone
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]
+    assert seen["x_custom_tag"] == ["kept"]
+
+
+async def test_route_method_and_client_address_overrides_are_dropped(
+    start_upstream, start_gateway
+) -> None:
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    seen = await _raw_echo(
+        gateway.port,
+        [
+            f"Authorization: Bearer {make_token('acct-override')}",
+            "X-Original-URL: /export/pdf",
+            "X-Rewrite-URL: /export/pdf",
+            "X-HTTP-Method-Override: DELETE",
+            "X-Method-Override: DELETE",
+            "X-HTTP-Method: DELETE",
+            "X-Real-IP: 6.6.6.6",
+            "Forwarded: for=6.6.6.6;proto=https;host=evil.example",
+        ],
+    )
+    for gone in (
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-method-override",
+        "x-http-method",
+        "x-real-ip",
+        "forwarded",
+    ):
+        assert gone not in seen, gone
+    assert seen["x-forwarded-for"] == ["127.0.0.1"]
