@@ -113,6 +113,12 @@ class Proxy:
             return self._finish(rm, resp, started)
 
         claims: Claims | None = None
+        if len(request.headers.getall("Authorization", ())) > 1:
+            # Which one counts would be up to whoever reads it next: the gateway might
+            # charge one account while a backend that reads the other serves another.
+            metrics.DENIALS.labels("unauthorized").inc()
+            denied = unauthorized(AuthError("more than one Authorization header"))
+            return self._finish(rm, denied, started)
         if not route.public:
             try:
                 claims = await self._verifier.verify_header(request.headers.get("Authorization"))

@@ -386,3 +386,31 @@ async def test_odd_signed_tokens_are_auth_errors_not_crashes(name: str) -> None:
     verifier = TokenVerifier(Auth(), secret=SECRET)
     with pytest.raises(AuthError):
         await verifier.verify(ODD_TOKENS[name])
+
+
+@pytest.mark.parametrize("path", ["/signals", "/pricing"])
+async def test_more_than_one_authorization_header_is_401_and_never_forwarded(
+    path: str, start_upstream: Start, start_gateway: Start
+) -> None:
+    # The gateway would charge one account while a backend reading the other serves it.
+    recorder = Recorder()
+    upstream = await start_upstream({"/{tail:.*}": recorder.handle})
+    url = str(upstream.make_url(""))
+    gateway = await start_gateway(load_test_config(url, admin_url=url))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    try:
+        writer.write(
+            (
+                f"GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+                f"Authorization: Bearer {make_token('acct-payer')}\r\n"
+                f"Authorization: Bearer {make_token('acct-victim')}\r\n\r\n"
+            ).encode()
+        )
+        data = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert INVALID.encode() in head
+    assert json.loads(body)["error"]["code"] == "invalid_token"
+    assert recorder.hits == []
