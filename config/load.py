@@ -258,6 +258,8 @@ def _validate_routes(config: Config) -> None:
             raise ConfigError(f"{key}.cost: a public route cannot cost units (no account)")
         if route.public and route.tiers:
             raise ConfigError(f"{key}.tiers: a public route has no account to check a tier of")
+        if route.tiers and not config.metering.enabled:
+            raise ConfigError(f"{key}.tiers: needs metering.enabled (the tier lives in Redis)")
         for other_index, other, other_pattern in seen:
             shared = set(route.methods) & set(other.methods)
             if shared and pattern.overlaps(other_pattern):

@@ -25,12 +25,33 @@ class FailOpenLedger:
         self._maxlen = maxlen
         self._tally: Counter[tuple[str, str]] = Counter()
         self._since = 0.0
+        # Bumped each time the tally is taken to be written: a record from before cannot
+        # be taken back from a tally that no longer holds it.
+        self._generation = 0
 
-    def record(self, account: str, route: str, units: int) -> None:
+    def record(self, account: str, route: str, units: int) -> int:
+        """Tally units let through; returns the receipt ``unrecord`` takes."""
         if not self._tally:
             self._since = time.time()
         self._tally[(account, route)] += units
         metrics.FAIL_OPEN.labels(route).inc(units)
+        return self._generation
+
+    def unrecord(self, account: str, route: str, units: int, receipt: int) -> bool:
+        """Take back units recorded for a request the backend then failed (a refund).
+
+        Only while the tally that holds them is not being or has not been written: the
+        record may count a failed request, never miss a served one.
+        """
+        if receipt != self._generation:
+            return False
+        key = (account, route)
+        left = self._tally.get(key, 0) - units
+        if left > 0:
+            self._tally[key] = left
+        else:
+            self._tally.pop(key, None)
+        return True
 
     @property
     def pending_units(self) -> int:
@@ -42,6 +63,7 @@ class FailOpenLedger:
             return True
         tally, since = self._tally, self._since
         self._tally = Counter()
+        self._generation += 1
         try:
             pipe = self._redis.pipeline(transaction=False)
             for (account, route), units in tally.items():

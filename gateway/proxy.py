@@ -127,6 +127,7 @@ class Proxy:
                 return self._finish(rm, unauthorized(exc), started)
 
         decision: Decision | None = None
+        receipt: int | None = None  # a fail-open record's
         # A free route restricted to some tiers still asks the store: the plan, and so the
         # tier, lives in Redis.
         if claims is not None and (route.cost or route.tiers) and self._store is not None:
@@ -136,17 +137,11 @@ class Proxy:
                 )
             except QuotaStoreUnavailable as exc:
                 metrics.REDIS_ERRORS.labels("charge").inc()
-                if self._failopen is None:
+                # Failing open cannot serve a tier-restricted route: the tier is unknown.
+                if self._failopen is None or route.tiers:
                     log.debug("refusing %s %s: %s", request.method, path, exc)
-                    metrics.DENIALS.labels("metering_unavailable").inc()
-                    resp = json_error(
-                        503,
-                        "metering_unavailable",
-                        "usage metering is temporarily unavailable; retry shortly",
-                        headers={"Retry-After": "1"},
-                    )
-                    return self._finish(rm, resp, started)
-                self._failopen.record(claims.sub, route.name, route.cost)
+                    return self._finish(rm, _metering_unavailable(), started)
+                receipt = self._failopen.record(claims.sub, route.name, route.cost)
             else:
                 if not decision.allowed:
                     code, denied = self._denied(decision)
@@ -154,8 +149,14 @@ class Proxy:
                     return self._finish(rm, denied, started)
                 if route.cost:
                     rm.charged(decision.tier, route.cost)
+        if route.tiers and decision is None:
+            # Never reached with a valid config (tiers need metering, public routes have no
+            # tiers), but a route for some tiers is never served without knowing the tier.
+            return self._finish(rm, _metering_unavailable(), started)
 
-        return await self._forward(request, route, path, query, claims, decision, rm, started)
+        return await self._forward(
+            request, route, path, query, claims, decision, rm, started, receipt
+        )
 
     def _finish(
         self, rm: metrics.RouteMetrics, resp: web.StreamResponse, started: float
@@ -200,6 +201,7 @@ class Proxy:
         decision: Decision | None,
         rm: metrics.RouteMetrics,
         started: float,
+        receipt: int | None,
     ) -> web.StreamResponse:
         upstream = route.upstream
         target = (
@@ -223,10 +225,15 @@ class Proxy:
 
         async def refund(kind: str) -> None:
             nonlocal refunded
-            if refunded or decision is None or claims is None or not route.cost:
+            if refunded or claims is None or not route.cost:
                 return
-            refunded = True
-            await self._refund(claims.sub, route, decision, rm, kind)
+            if decision is not None:
+                refunded = True
+                await self._refund(claims.sub, route, decision, rm, kind)
+            elif receipt is not None and self._failopen is not None:
+                # Let through unmetered, then not served: out of what is to be reconciled.
+                refunded = True
+                self._failopen.unrecord(claims.sub, route.name, route.cost, receipt)
 
         data: bytes | AsyncIterator[bytes] | None = None
         try:
@@ -378,6 +385,16 @@ class Proxy:
             return
         if units:
             rm.refunds.inc(units)
+
+
+def _metering_unavailable() -> web.Response:
+    metrics.DENIALS.labels("metering_unavailable").inc()
+    return json_error(
+        503,
+        "metering_unavailable",
+        "usage metering is temporarily unavailable; retry shortly",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def _continue(request: web.BaseRequest) -> None:

@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as redis
 from aiohttp import web
 
+from config.load import ConfigError, validate
 from gateway import keys
 from gateway.embedded_redis import EmbeddedRedis
 from tests.conftest import auth, echo, load_test_config, replace_section
@@ -202,3 +203,81 @@ async def test_a_burst_of_requests_while_redis_is_down_is_refused_whole(
         assert time.monotonic() - started < 1.0
     assert [r[0] for r in results] == [503] * 30
     assert seen == []
+
+
+# -- no decision: the tier is unknown, and a failed request is not reconciled ------------
+
+PREMIUM_ROUTE = """
+[[routes]]
+path = "/signals/premium"
+methods = ["GET"]
+cost = 1
+tiers = ["pro", "enterprise"]
+"""
+
+
+async def test_fail_open_never_serves_a_tier_restricted_route(
+    backend, private_redis: PrivateRedis, start_gateway
+) -> None:
+    # With Redis down the plan, and so the tier, is unknown: a free-tier account must not
+    # reach a pro route because metering failed open.
+    upstream_url, seen = backend
+    config = load_test_config(upstream_url, extra=PREMIUM_ROUTE)
+    gateway = await start_gateway(
+        replace_section(config, metering={"fail_open": True}), url=private_redis.url
+    )
+    private_redis.stop()
+    async with aiohttp.ClientSession() as session:
+        status, body, elapsed, headers = await _timed_get(
+            session, gateway.make_url("/signals/premium"), headers=auth("acct-free")
+        )
+        assert (status, body["error"]["code"]) == (503, "metering_unavailable")  # type: ignore[index]
+        assert headers["Retry-After"] == "1"
+        assert elapsed < 1.0
+        # Unrestricted routes still fail open.
+        assert (await _timed_get(session, gateway.make_url("/signals"), headers=auth()))[0] == 200
+    assert seen == ["/signals"]
+
+
+def test_tier_restricted_routes_need_metering() -> None:
+    config = load_test_config("http://127.0.0.1:9000", extra=PREMIUM_ROUTE)
+    validate(config)
+    with pytest.raises(ConfigError) as info:
+        validate(replace_section(config, metering={"enabled": False}))
+    index = len(config.routes)
+    assert str(info.value) == (
+        f"routes[{index}].tiers: needs metering.enabled (the tier lives in Redis)"
+    )
+
+
+async def test_fail_open_takes_back_the_units_of_a_request_the_backend_failed(
+    start_upstream, private_redis: PrivateRedis, private_client: redis.Redis, start_gateway
+) -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        if request.path == "/export/pdf":
+            return web.json_response({"error": "down"}, status=503)
+        return await echo(request)
+
+    upstream = await start_upstream({"/{tail:.*}": answer})
+    config = replace_section(
+        load_test_config(str(upstream.make_url(""))), metering={"fail_open": True}
+    )
+    gateway = await start_gateway(config, url=private_redis.url)
+    private_redis.stop()
+    async with aiohttp.ClientSession() as session:
+        for path, status in (("/signals", 200), ("/export/pdf", 503), ("/signals", 200)):
+            got = await _timed_get(session, gateway.make_url(path), headers=auth("acct-fo"))
+            assert got[0] == status
+    private_redis.restart()
+    entries: list[dict[str, str]] = []
+
+    async def reconciled() -> bool:
+        raw = await private_client.xrange(keys.FAILOPEN_KEY)
+        entries[:] = [{k.decode(): v.decode() for k, v in e[1].items()} for e in raw]
+        return len(entries) >= 1
+
+    await _eventually(reconciled)
+    await asyncio.sleep(0.2)  # a second entry, were there one, would be written with it
+    raw = await private_client.xrange(keys.FAILOPEN_KEY)
+    tally = {(e[1][b"account"].decode(), e[1][b"route"].decode()): int(e[1][b"units"]) for e in raw}
+    assert tally == {("acct-fo", "/signals"): 2}
