@@ -20,9 +20,13 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+
+from gateway.errors import json_error
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +61,41 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
                 sock.bind(address)
     except OSError as exc:  # gaierror included: an unknown host
         raise ListenError(host, port, exc) from None
+
+
+class _JsonErrorHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering its own errors (a malformed request line or
+    header, a header block too large, a handler timeout) as the gateway's JSON errors."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        # The parent logs, and refuses if part of a response already went out.
+        super().handle_error(request, status, exc, message)
+        detail = exc.message if isinstance(exc, HttpProcessingError) else None
+        if isinstance(exc, LineTooLong):
+            # The request line or a header field over limits.max_line/header_bytes (llhttp
+            # does not say which): RFC 6585's "Request Header Fields Too Large".
+            status, code = 431, "request_head_too_large"
+        elif status == 400:
+            code = "bad_request"
+        else:
+            code = {500: "internal_error", 504: "gateway_timeout"}.get(status, "http_error")
+        text = str(detail) if detail else HTTPStatus(status).phrase
+        resp = json_error(status, code, text)
+        resp.force_close()
+        return resp
+
+
+class JsonErrorServer(web.Server):
+    """A low-level server whose connections answer parser errors as JSON."""
+
+    def __call__(self) -> web.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
 
 
 @dataclass
@@ -101,7 +140,7 @@ async def serve(
             await runner.setup()  # runs the app's startup: its cleanup contexts
             runners.append(runner)
             if site.handler is not None:
-                server = web.Server(site.handler(site.app), **site.runner_args)
+                server = JsonErrorServer(site.handler(site.app), **site.runner_args)
                 runner = web.ServerRunner(
                     server, handler_cancellation=False, shutdown_timeout=shutdown_timeout
                 )

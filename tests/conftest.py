@@ -22,6 +22,7 @@ from config import Config, Settings, parse_config
 from config.settings import DEV_JWT_SECRET
 from gateway.app import create_app, direct_handler
 from gateway.embedded_redis import EmbeddedRedis
+from gateway.server import JsonErrorServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789-0123456789-abcdef"
@@ -136,6 +137,14 @@ def make_settings(config: Config, redis_url: str, *, secret: str = SECRET) -> Se
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class _GatewayTestServer(RawTestServer):
+    """A loopback server built like `metergate gateway`'s: JsonErrorServer connections."""
+
+    async def _make_runner(self, debug: bool = True, **kwargs: Any) -> web.ServerRunner:
+        srv = JsonErrorServer(self._handler, loop=self._loop, debug=debug, **kwargs)
+        return web.ServerRunner(srv, debug=debug, **kwargs)
+
+
 @pytest.fixture
 async def start_upstream() -> AsyncIterator[Callable[..., Awaitable[TestServer]]]:
     """Start a real aiohttp upstream on a loopback port with the given routes."""
@@ -199,7 +208,7 @@ async def start_gateway(
             await runner.setup()
             runners.append(runner)
             limits = config.limits
-            server = RawTestServer(
+            server = _GatewayTestServer(
                 direct_handler(app),
                 host="127.0.0.1",
                 max_line_size=limits.max_line_bytes,

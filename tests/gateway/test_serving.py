@@ -5,6 +5,7 @@ request is authenticated and paid for."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import pytest
@@ -99,3 +100,50 @@ async def test_100_continue_only_after_the_request_is_paid_for(
     writer.close()
     assert received == [1000]
     assert int(await redis_client.hget(keys.usage_key("acct-c"), "used")) == 1
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "code"),
+    [
+        (b"GARBAGE\r\n\r\n", 400, "bad_request"),
+        (b"GET /signals HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n", 400, "bad_request"),
+        (
+            b"GET /signals HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+            431,
+            "request_head_too_large",
+        ),
+        (
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n",
+            400,
+            "bad_request",
+        ),
+        (
+            b"GET /signals?q=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+            431,
+            "request_head_too_large",
+        ),
+    ],
+    ids=["garbage", "bad-header-name", "header-too-large", "cl-and-te", "uri-too-long"],
+)
+async def test_malformed_requests_get_json_errors(
+    request_bytes: bytes, status: int, code: str, start_upstream, start_gateway
+) -> None:
+    seen: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append(request.raw_path)
+        return web.json_response({})
+
+    upstream = await start_upstream({"/{tail:.*}": record})
+    gateway = await start_gateway(load_test_config(str(upstream.make_url("")), extra=UPLOAD))
+    assert gateway.port is not None
+    reader, writer = await _raw(gateway.port, request_bytes)
+    raw = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    # An unparseable request gets an HTTP/1.0 status line: its version is unknown.
+    assert head.split(b"\r\n")[0].split(b" ")[1] == b"%d" % status, head
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"]["code"] == code
+    assert seen == []
