@@ -72,6 +72,55 @@ async def deliver_and_apply(server: TestServer, double: StripeDouble) -> None:
     await consumer(server).drain()
 
 
+VISA = "pm_card_visa"
+NEEDS_3DS = "pm_card_authenticationRequired"
+
+
+async def subscribe(server: TestServer, card: str = VISA, sub: str = "acct-1") -> tuple[int, Any]:
+    """POST /billing/subscribe to pro for `sub`, paying with one of Stripe's test cards."""
+    payload = {"tier": "pro", "payment_method_id": card}
+    return await call(server, "POST", "/billing/subscribe", json=payload, sub=sub)
+
+
+async def cancel(server: TestServer, *, at_period_end: bool) -> tuple[int, Any]:
+    return await call(server, "POST", "/billing/cancel", json={"at_period_end": at_period_end})
+
+
+async def subscribe_and_apply(server: TestServer, double: StripeDouble) -> dict[str, Any]:
+    """Subscribe acct-1 to pro with a good card and apply Stripe's webhooks for it."""
+    _, body = await subscribe(server)
+    await deliver_and_apply(server, double)
+    return body
+
+
+async def delete_customer_at_stripe(server: TestServer, customer_id: str) -> None:
+    await server.app[BILLING].client.v1.customers.delete_async(customer_id)
+
+
+async def tier_and_status(client: redis.Redis, account: str = "acct-1") -> tuple[str, str]:
+    stored = await plan(client, account)
+    return stored["tier"], stored["status"]
+
+
+async def start_gateway_in_front(
+    admin: TestServer, start_gateway: Any, start_upstream: Any
+) -> TestServer:
+    """A real gateway that asks this admin app for plans, in front of an echo upstream."""
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    config = load_test_config(
+        str(upstream.make_url("")).rstrip("/"), str(admin.make_url("")).rstrip("/")
+    )
+    return await start_gateway(config)
+
+
+async def tier_the_gateway_forwards(
+    session: aiohttp.ClientSession, gateway: TestServer
+) -> tuple[int, str]:
+    """GET /signals as acct-1 through the gateway: the status and the tier header it set."""
+    async with session.get(gateway.make_url("/signals"), headers=auth("acct-1")) as resp:
+        return resp.status, dict((await resp.json())["headers"])["X-Metergate-Tier"]
+
+
 async def test_stripe_mode_is_stated(
     start_admin: StartAdmin, stripe_double: StripeDouble, clock: Clock
 ) -> None:
@@ -92,12 +141,8 @@ async def test_subscribe_through_stripe_then_the_gateway_gives_pro(
     start_upstream: Any,
 ) -> None:
     admin = await start_stripe_admin(start_admin, stripe_double, clock)
-    upstream = await start_upstream({"/{tail:.*}": echo})
-    config = load_test_config(
-        str(upstream.make_url("")).rstrip("/"), str(admin.make_url("")).rstrip("/")
-    )
-    gateway = await start_gateway(config)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
+    gateway = await start_gateway_in_front(admin, start_gateway, start_upstream)
+    payload = {"tier": "pro", "payment_method_id": VISA}
     async with aiohttp.ClientSession() as session:
         async with session.post(
             gateway.make_url("/billing/subscribe"), json=payload, headers=auth("acct-1")
@@ -106,8 +151,8 @@ async def test_subscribe_through_stripe_then_the_gateway_gives_pro(
             assert resp.status == 201, body
         assert body["subscription"]["status"] == "active"
         assert body["subscription"]["tier"] == "pro"
-        async with session.get(gateway.make_url("/signals"), headers=auth("acct-1")) as resp:
-            assert dict((await resp.json())["headers"])["X-Metergate-Tier"] == "pro"
+        _, tier = await tier_the_gateway_forwards(session, gateway)
+        assert tier == "pro"
     sub_id = body["subscription"]["id"]
     assert sub_id in stripe_double.subscriptions
     stored = await plan(redis_client)
@@ -117,8 +162,7 @@ async def test_subscribe_through_stripe_then_the_gateway_gives_pro(
     for evt in reversed(events):
         assert await stripe_double.send_event(evt) == 200
     await consumer(admin).drain()
-    stored = await plan(redis_client)
-    assert (stored["tier"], stored["status"]) == ("pro", "active")
+    assert await tier_and_status(redis_client) == ("pro", "active")
     _, status = await call(admin, "GET", "/billing/status")
     assert status["has_subscription"] is True and status["usage"]["current"] == 1
 
@@ -130,8 +174,7 @@ async def test_three_d_secure(
     redis_client: redis.Redis,
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_authenticationRequired"}
-    status, body = await call(server, "POST", "/billing/subscribe", json=payload)
+    status, body = await subscribe(server, NEEDS_3DS)
     assert status == 201, body
     assert body["subscription"]["status"] == "incomplete"
     assert body["requires_action"] is True and body["client_secret"]
@@ -141,16 +184,14 @@ async def test_three_d_secure(
     assert st["usage"]["included"] == 100  # nothing paid yet: the free tier's rules
     stripe_double.confirm_payment(body["subscription"]["id"])
     await deliver_and_apply(server, stripe_double)
-    stored = await plan(redis_client)
-    assert (stored["tier"], stored["status"]) == ("pro", "active")
+    assert await tier_and_status(redis_client) == ("pro", "active")
 
 
 async def test_declined_card_is_402(
     start_admin: StartAdmin, stripe_double: StripeDouble, clock: Clock
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_chargeDeclined"}
-    status, body = await call(server, "POST", "/billing/subscribe", json=payload)
+    status, body = await subscribe(server, "pm_card_chargeDeclined")
     assert (status, body["error"]["code"]) == (402, "card_declined")
     assert not stripe_double.subscriptions
 
@@ -162,8 +203,7 @@ async def test_upgrade_downgrade_and_cancel(
     redis_client: redis.Redis,
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
-    _, body = await call(server, "POST", "/billing/subscribe", json=payload)
+    _, body = await subscribe(server)
     sub_id = body["subscription"]["id"]
     for tier in ("enterprise", "starter"):
         status, body = await call(server, "POST", "/billing/upgrade", json={"tier": tier})
@@ -171,7 +211,7 @@ async def test_upgrade_downgrade_and_cancel(
         assert body["subscription"]["tier"] == tier
         await deliver_and_apply(server, stripe_double)
         assert (await plan(redis_client))["tier"] == tier
-    status, body = await call(server, "POST", "/billing/cancel", json={"at_period_end": True})
+    status, body = await cancel(server, at_period_end=True)
     assert status == 200 and body["subscription"]["cancel_at_period_end"] is True
     await deliver_and_apply(server, stripe_double)
     assert (await plan(redis_client))["status"] == "active"
@@ -188,9 +228,8 @@ async def test_cancel_at_once(
     redis_client: redis.Redis,
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
-    await call(server, "POST", "/billing/subscribe", json=payload)
-    status, body = await call(server, "POST", "/billing/cancel", json={"at_period_end": False})
+    await subscribe(server)
+    status, body = await cancel(server, at_period_end=False)
     assert status == 200 and body["subscription"]["status"] == "canceled"
     await deliver_and_apply(server, stripe_double)
     assert (await plan(redis_client))["status"] == "canceled"
@@ -206,13 +245,8 @@ async def test_stripe_down_fails_fast_and_the_gateway_keeps_the_plan(
     start_upstream: Any,
 ) -> None:
     admin = await start_stripe_admin(start_admin, stripe_double, clock)
-    upstream = await start_upstream({"/{tail:.*}": echo})
-    config = load_test_config(
-        str(upstream.make_url("")).rstrip("/"), str(admin.make_url("")).rstrip("/")
-    )
-    gateway = await start_gateway(config)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
-    assert (await call(admin, "POST", "/billing/subscribe", json=payload))[0] == 201
+    gateway = await start_gateway_in_front(admin, start_gateway, start_upstream)
+    assert (await subscribe(admin))[0] == 201
     stripe_double.down = "close"
     for _ in range(3):  # the breaker's threshold in the test settings
         status, body = await call(admin, "POST", "/billing/upgrade", json={"tier": "enterprise"})
@@ -225,9 +259,9 @@ async def test_stripe_down_fails_fast_and_the_gateway_keeps_the_plan(
     assert health["stripe_reachable"] is False
     assert health["circuit"]["state"] == "open"
     async with aiohttp.ClientSession() as session:
-        async with session.get(gateway.make_url("/signals"), headers=auth("acct-1")) as resp:
-            assert resp.status == 200
-            assert dict((await resp.json())["headers"])["X-Metergate-Tier"] == "pro"
+        status, tier = await tier_the_gateway_forwards(session, gateway)
+    assert status == 200
+    assert tier == "pro"
 
 
 async def test_concurrent_subscribes_make_one_customer_and_one_subscription(
@@ -235,10 +269,7 @@ async def test_concurrent_subscribes_make_one_customer_and_one_subscription(
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
     stripe_double.latency = 0.05  # let the requests overlap at Stripe
-    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
-    results = await asyncio.gather(
-        *(call(server, "POST", "/billing/subscribe", json=payload) for _ in range(5))
-    )
+    results = await asyncio.gather(*(subscribe(server) for _ in range(5)))
     assert all(status in (200, 201) for status, _ in results), results
     assert len({body["subscription"]["id"] for _, body in results}) == 1
     assert len(stripe_double.customers) == 1
@@ -253,10 +284,9 @@ async def test_subscribe_after_a_cancel_makes_a_new_subscription(
     redis_client: redis.Redis,
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
-    _, first = await call(server, "POST", "/billing/subscribe", json=payload)
-    await call(server, "POST", "/billing/cancel", json={"at_period_end": False})
-    status, again = await call(server, "POST", "/billing/subscribe", json=payload)
+    _, first = await subscribe(server)
+    await cancel(server, at_period_end=False)
+    status, again = await subscribe(server)
     assert status == 201, again
     assert again["subscription"]["id"] != first["subscription"]["id"]
     assert again["subscription"]["status"] == "active"
@@ -275,18 +305,16 @@ async def test_a_retried_three_d_secure_subscribe_keeps_one_subscription(
     redis_client: redis.Redis,
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
-    sca = {"tier": "pro", "payment_method_id": "pm_card_authenticationRequired"}
-    _, first = await call(server, "POST", "/billing/subscribe", json=sca)
+    _, first = await subscribe(server, NEEDS_3DS)
     assert first["subscription"]["status"] == "incomplete"
     await deliver_and_apply(server, stripe_double)  # the plan hears of the incomplete one
-    status, again = await call(server, "POST", "/billing/subscribe", json=sca)
+    status, again = await subscribe(server, NEEDS_3DS)
     assert status == 200, again
     assert again["subscription"]["id"] == first["subscription"]["id"]
     assert again["requires_action"] is True and again["client_secret"] == first["client_secret"]
     assert len(stripe_double.subscriptions) == 1
     # Another card: the incomplete subscription is canceled before the new one is made.
-    visa = {"tier": "pro", "payment_method_id": "pm_card_visa"}
-    status, other = await call(server, "POST", "/billing/subscribe", json=visa)
+    status, other = await subscribe(server, VISA)
     assert status == 201, other
     assert other["subscription"]["status"] == "active"
     by_status = {s["status"]: s["id"] for s in stripe_double.subscriptions.values()}
@@ -306,17 +334,15 @@ async def test_after_the_customer_is_deleted_the_account_can_subscribe_again(
     redis_client: redis.Redis,
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
-    _, first = await call(server, "POST", "/billing/subscribe", json=payload)
+    first = await subscribe_and_apply(server, stripe_double)
     old = first["subscription"]["customer_id"]
-    await deliver_and_apply(server, stripe_double)
     clock.advance(60)
-    await server.app[BILLING].client.v1.customers.delete_async(old)
+    await delete_customer_at_stripe(server, old)
     await deliver_and_apply(server, stripe_double)
     assert (await plan(redis_client))["tier"] == "free"
     assert not await redis_client.exists(keys.customer_key("acct-1"))
     assert not await redis_client.hexists(keys.CUSTOMERS, old)
-    status, again = await call(server, "POST", "/billing/subscribe", json=payload)
+    status, again = await subscribe(server)
     assert status == 201, again
     assert again["subscription"]["customer_id"] != old
     assert again["subscription"]["status"] == "active"
@@ -329,14 +355,12 @@ async def test_a_stored_customer_stripe_no_longer_has_is_replaced(
     redis_client: redis.Redis,
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
-    _, first = await call(server, "POST", "/billing/subscribe", json=payload)
+    first = await subscribe_and_apply(server, stripe_double)
     old = first["subscription"]["customer_id"]
-    await deliver_and_apply(server, stripe_double)
     clock.advance(60)
     # Deleted at Stripe; the webhook has not been applied yet, so Redis still names it.
-    await server.app[BILLING].client.v1.customers.delete_async(old)
-    status, again = await call(server, "POST", "/billing/subscribe", json=payload)
+    await delete_customer_at_stripe(server, old)
+    status, again = await subscribe(server)
     assert status == 201, again
     new = again["subscription"]["customer_id"]
     assert new != old and again["subscription"]["status"] == "active"
@@ -355,9 +379,7 @@ async def test_a_poison_event_is_dead_lettered_and_later_events_still_apply(
     redis_client: redis.Redis,
 ) -> None:
     server = await start_stripe_admin(start_admin, stripe_double, clock)
-    payload = {"tier": "pro", "payment_method_id": "pm_card_visa"}
-    _, first = await call(server, "POST", "/billing/subscribe", json=payload)
-    await deliver_and_apply(server, stripe_double)
+    first = await subscribe_and_apply(server, stripe_double)
     # A subscription with no items: signed, but re-fetching it makes the applier raise.
     broken = first["subscription"]["id"]
     stripe_double.subscriptions[broken]["items"]["data"] = []
@@ -367,7 +389,7 @@ async def test_a_poison_event_is_dead_lettered_and_later_events_still_apply(
         )
         == 200
     )
-    await call(server, "POST", "/billing/subscribe", json=payload, sub="acct-2")
+    await subscribe(server, sub="acct-2")
     await stripe_double.deliver()
     applier = consumer(server)
     await applier.drain()  # does not raise, and the events after the poison apply
