@@ -23,6 +23,7 @@ ENV PATH="/opt/metergate/bin:$PATH" \
     METERGATE_ADMIN_LISTEN=0.0.0.0:8081
 USER metergate
 EXPOSE 8080 8081
+# Follows METERGATE_GATEWAY_LISTEN, so a moved port is still checked.
 HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
-  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status == 200 else 1)"
+  CMD python -c "import os,sys,urllib.request; port=os.environ.get('METERGATE_GATEWAY_LISTEN','0.0.0.0:8080').rpartition(':')[2]; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status == 200 else 1)"
 CMD ["metergate", "gateway"]
