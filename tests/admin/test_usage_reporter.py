@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
 import redis.asyncio as redis
 
 from admin.audit import AuditLog
@@ -27,6 +28,13 @@ async def paid_account(
     """A customer at the double and the plan the app side would write, period from now."""
     customer = await billing.ensure_customer(account)
     start = int(clock.now)
+    await write_active_plan(r, account, tier, start)
+    await r.sadd(PAID_ACCOUNTS, account)
+    return customer, start
+
+
+async def write_active_plan(r: redis.Redis, account: str, tier: str, start: int) -> None:
+    """The plan hash the app side writes for an active subscription, one period from start."""
     await r.hset(
         f"mg:{{{account}}}:plan",
         mapping={
@@ -36,8 +44,20 @@ async def paid_account(
             "period_end": start + PERIOD,
         },
     )
-    await r.sadd(PAID_ACCOUNTS, account)
-    return customer, start
+
+
+@pytest.fixture
+def store(redis_client: redis.Redis, gateway_config: Config, clock: Clock) -> RedisQuotaStore:
+    """The gateway's quota store, charging on the test clock."""
+    return RedisQuotaStore(redis_client, gateway_config, clock=clock)
+
+
+@pytest.fixture
+def reporter(
+    redis_client: redis.Redis, stripe_billing: StripeBilling, clock: Clock
+) -> UsageReporter:
+    """A usage reporter sending to the Stripe double, on the test clock."""
+    return UsageReporter(redis_client, stripe_billing, clock=clock)
 
 
 async def charge(store: RedisQuotaStore, account: str, units: int) -> None:
@@ -49,12 +69,11 @@ async def test_overage_is_reported_once_and_then_only_the_increase(
     stripe_billing: StripeBilling,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
-    gateway_config: Config,
     clock: Clock,
+    store: RedisQuotaStore,
+    reporter: UsageReporter,
 ) -> None:
     customer, start = await paid_account("acct-1", stripe_billing, redis_client, clock)
-    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
-    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
     await charge(store, "acct-1", 10_000)  # pro includes 10,000 units
     assert await reporter.run_once() == []
 
@@ -82,11 +101,10 @@ async def test_a_crash_after_sending_resends_the_same_event_and_bills_once(
     stripe_billing: StripeBilling,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
-    gateway_config: Config,
     clock: Clock,
+    store: RedisQuotaStore,
 ) -> None:
     customer, start = await paid_account("acct-1", stripe_billing, redis_client, clock)
-    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
     await charge(store, "acct-1", 10_040)
 
     dying = UsageReporter(redis_client, stripe_billing, clock=clock)
@@ -118,14 +136,13 @@ async def test_a_new_period_starts_counting_from_zero(
     stripe_billing: StripeBilling,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
-    gateway_config: Config,
     clock: Clock,
+    store: RedisQuotaStore,
+    reporter: UsageReporter,
 ) -> None:
     customer, start = await paid_account(
         "acct-1", stripe_billing, redis_client, clock, tier="starter"
     )
-    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
-    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
     await charge(store, "acct-1", 1_100)  # starter includes 1,000
     (first,) = await reporter.run_once()
     assert first.units == 100
@@ -140,8 +157,8 @@ async def test_a_new_period_starts_counting_from_zero(
 async def test_stripe_down_keeps_the_claim_for_the_next_run(
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
-    gateway_config: Config,
     clock: Clock,
+    store: RedisQuotaStore,
 ) -> None:
     settings = stripe_double.settings
     billing = StripeBilling(
@@ -156,7 +173,6 @@ async def test_stripe_down_keeps_the_claim_for_the_next_run(
     try:
         customer, _ = await paid_account("acct-1", billing, redis_client, clock)
         await paid_account("acct-2", billing, redis_client, clock)
-        store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
         await charge(store, "acct-1", 10_010)
         await charge(store, "acct-2", 10_020)
         reporter = UsageReporter(redis_client, billing, clock=clock)
@@ -179,24 +195,15 @@ async def test_accounts_without_a_customer_or_overage_are_skipped(
     stripe_billing: StripeBilling,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
-    gateway_config: Config,
     clock: Clock,
+    store: RedisQuotaStore,
+    reporter: UsageReporter,
 ) -> None:
-    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
     await redis_client.sadd(PAID_ACCOUNTS, "no-customer")
-    await redis_client.hset(
-        "mg:{no-customer}:plan",
-        mapping={
-            "tier": "pro",
-            "status": "active",
-            "period_start": int(clock.now),
-            "period_end": int(clock.now) + PERIOD,
-        },
-    )
+    await write_active_plan(redis_client, "no-customer", "pro", int(clock.now))
     await charge(store, "no-customer", 10_050)
     await paid_account("quiet", stripe_billing, redis_client, clock)
     await charge(store, "quiet", 10)
-    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
     assert await reporter.run_once() == []
     assert stripe_double.meter_event_requests == 0
 
@@ -207,9 +214,9 @@ async def test_run_reporter_reports_in_the_background_until_cancelled(
     redis_client: redis.Redis,
     gateway_config: Config,
     clock: Clock,
+    store: RedisQuotaStore,
 ) -> None:
     customer, _ = await paid_account("acct-1", stripe_billing, redis_client, clock)
-    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
     await charge(store, "acct-1", 10_004)
     task = asyncio.create_task(
         run_reporter(
@@ -237,14 +244,13 @@ async def test_overage_charged_after_the_last_report_is_billed_after_rollover(
     stripe_billing: StripeBilling,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
-    gateway_config: Config,
     clock: Clock,
+    store: RedisQuotaStore,
+    reporter: UsageReporter,
 ) -> None:
     customer, start = await paid_account(
         "acct-1", stripe_billing, redis_client, clock, tier="starter"
     )
-    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
-    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
     await charge(store, "acct-1", 1_100)  # starter includes 1,000
     (first,) = await reporter.run_once()
     assert first.units == 100
@@ -269,14 +275,13 @@ async def test_a_claim_sent_just_before_rollover_is_not_billed_twice(
     stripe_billing: StripeBilling,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
-    gateway_config: Config,
     clock: Clock,
+    store: RedisQuotaStore,
+    reporter: UsageReporter,
 ) -> None:
     customer, start = await paid_account(
         "acct-1", stripe_billing, redis_client, clock, tier="starter"
     )
-    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
-    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
     await charge(store, "acct-1", 1_030)
     claim = await reporter.claim("acct-1")
     assert claim is not None and claim.units == 30
@@ -295,12 +300,12 @@ async def test_overage_of_a_lapsed_account_is_reported_before_it_leaves_the_set(
     stripe_billing: StripeBilling,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
-    gateway_config: Config,
     clock: Clock,
+    store: RedisQuotaStore,
+    reporter: UsageReporter,
 ) -> None:
     customer, start = await paid_account("acct-1", stripe_billing, redis_client, clock)
     plans = Plans(redis_client, AuditLog(redis_client, clock=clock), clock=clock)
-    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
     await charge(store, "acct-1", 10_012)
     # The subscription stops paying before the reporter ran: the account leaves the paid set
     # but its 12 overage units are still billed, once.
@@ -313,7 +318,6 @@ async def test_overage_of_a_lapsed_account_is_reported_before_it_leaves_the_set(
     )
     assert not await redis_client.sismember(PAID_ACCOUNTS, "acct-1")
     assert await redis_client.sismember(LAPSED_ACCOUNTS, "acct-1")
-    reporter = UsageReporter(redis_client, stripe_billing, clock=clock)
     (report,) = await reporter.run_once()
     assert report.units == 12 and stripe_double.metered_total(customer) == 12
     assert not await redis_client.sismember(LAPSED_ACCOUNTS, "acct-1")
