@@ -92,6 +92,22 @@ def _missing(kind: str, oid: str, param: str = "id") -> StripeApiError:
     )
 
 
+def _stored(objects: dict[str, Json], kind: str, request: web.Request) -> Json:
+    """The object the request's path names, or Stripe's 404 when there is none."""
+    oid = request.match_info["id"]
+    obj = objects.get(oid)
+    if obj is None:
+        raise _missing(kind, oid)
+    return obj
+
+
+def _filter_active(found: list[Json], params: Json) -> list[Json]:
+    """Stripe's ``active`` list filter: applied only when the request names it."""
+    if "active" not in params:
+        return found
+    return [o for o in found if o["active"] == as_bool(params["active"])]
+
+
 def _invalid(message: str, param: str | None = None) -> StripeApiError:
     return StripeApiError(
         400, so.error_body("invalid_request_error", message, code="parameter_invalid", param=param)
@@ -582,10 +598,7 @@ class StripeDouble:
         return self._reply(pm, params)
 
     async def _pm_get(self, request: web.Request, params: Json) -> web.Response:
-        pm = self.payment_methods.get(request.match_info["id"])
-        if pm is None:
-            raise _missing("PaymentMethod", request.match_info["id"])
-        return self._reply(pm, params)
+        return self._reply(_stored(self.payment_methods, "PaymentMethod", request), params)
 
     async def _pm_list(self, request: web.Request, params: Json) -> web.Response:
         cid = request.match_info.get("id") or params.get("customer")
@@ -858,10 +871,7 @@ class StripeDouble:
         return self._list("/v1/invoices", found, params)
 
     async def _invoice_get(self, request: web.Request, params: Json) -> web.Response:
-        inv = self.invoices.get(request.match_info["id"])
-        if inv is None:
-            raise _missing("invoice", request.match_info["id"])
-        return self._reply(inv, params)
+        return self._reply(_stored(self.invoices, "invoice", request), params)
 
     async def _portal_create(self, request: web.Request, params: Json) -> web.Response:
         customer = self._customer(params.get("customer", ""), "customer")
@@ -880,18 +890,13 @@ class StripeDouble:
         return self._reply(p, params)
 
     async def _product_list(self, request: web.Request, params: Json) -> web.Response:
-        found = list(self.products.values())
-        if "active" in params:
-            found = [p for p in found if p["active"] == as_bool(params["active"])]
+        found = _filter_active(list(self.products.values()), params)
         if ids := as_list(params.get("ids")):
             found = [p for p in found if p["id"] in ids]
         return self._list("/v1/products", found, params)
 
     async def _product_get(self, request: web.Request, params: Json) -> web.Response:
-        p = self.products.get(request.match_info["id"])
-        if p is None:
-            raise _missing("product", request.match_info["id"])
-        return self._reply(p, params)
+        return self._reply(_stored(self.products, "product", request), params)
 
     async def _price_create(self, request: web.Request, params: Json) -> web.Response:
         if params.get("product") not in self.products:
@@ -922,15 +927,11 @@ class StripeDouble:
             found = [p for p in found if p["lookup_key"] in keys]
         if product := params.get("product"):
             found = [p for p in found if p["product"] == product]
-        if "active" in params:
-            found = [p for p in found if p["active"] == as_bool(params["active"])]
+        found = _filter_active(found, params)
         return self._list("/v1/prices", found, params)
 
     async def _price_get(self, request: web.Request, params: Json) -> web.Response:
-        p = self.prices.get(request.match_info["id"])
-        if p is None:
-            raise _missing("price", request.match_info["id"])
-        return self._reply(p, params)
+        return self._reply(_stored(self.prices, "price", request), params)
 
     async def _meter_create(self, request: web.Request, params: Json) -> web.Response:
         name = params.get("event_name")
@@ -949,10 +950,7 @@ class StripeDouble:
         return self._list("/v1/billing/meters", found, params)
 
     async def _meter_get(self, request: web.Request, params: Json) -> web.Response:
-        m = self.meters.get(request.match_info["id"])
-        if m is None:
-            raise _missing("billing.meter", request.match_info["id"])
-        return self._reply(m, params)
+        return self._reply(_stored(self.meters, "billing.meter", request), params)
 
     async def _meter_event_create(self, request: web.Request, params: Json) -> web.Response:
         payload = params.get("payload") or {}
