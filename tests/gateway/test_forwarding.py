@@ -12,6 +12,7 @@ import msgspec
 import pytest
 import redis.asyncio as redis
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from config import Config
 from gateway import keys
@@ -40,6 +41,12 @@ def _seen(body: dict[str, Any]) -> dict[str, list[str]]:
 
 async def _used(client: redis.Redis, account: str) -> int:
     return int(await client.hget(keys.usage_key(account), "used") or 0)
+
+
+async def _gateway_over_echo(start_upstream: Any, start_gateway: Any) -> TestServer:
+    """A gateway with the default routes in front of an upstream that echoes what it got."""
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    return await start_gateway(load_test_config(str(upstream.make_url(""))))
 
 
 async def test_request_headers_hop_by_hop_identity_and_forwarding(
@@ -102,8 +109,7 @@ async def test_request_headers_hop_by_hop_identity_and_forwarding(
 
 
 async def test_x_forwarded_for_without_a_prior_value(start_upstream, start_gateway) -> None:
-    upstream = await start_upstream({"/{tail:.*}": echo})
-    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    gateway = await _gateway_over_echo(start_upstream, start_gateway)
     async with aiohttp.ClientSession() as session:
         async with session.get(gateway.make_url("/signals"), headers=auth()) as resp:
             seen = _seen(await resp.json())
@@ -378,8 +384,7 @@ async def test_repeated_forwarding_headers_are_joined_not_dropped(
     start_upstream, start_gateway
 ) -> None:
     """RFC 9110 5.3: repeated field lines are one comma-joined list; keep every hop."""
-    upstream = await start_upstream({"/{tail:.*}": echo})
-    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    gateway = await _gateway_over_echo(start_upstream, start_gateway)
     headers = [
         *auth().items(),
         ("X-Forwarded-For", "203.0.113.7"),
@@ -486,11 +491,13 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_the_backend(
 # -- spoofing through header spellings ----------------------------------------------------
 
 
-async def _raw_echo(port: int, lines: list[str]) -> dict[str, list[str]]:
-    """Send a GET /signals with these header lines over a raw socket; what the backend saw."""
+async def _raw_echo(port: int, account: str, lines: list[str]) -> dict[str, list[str]]:
+    """Send a GET /signals as `account` with these extra header lines over a raw socket;
+    what the backend saw."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
-        head = ["GET /signals HTTP/1.1", "Host: gw", "Connection: close", *lines]
+        auth_line = f"Authorization: Bearer {make_token(account)}"
+        head = ["GET /signals HTTP/1.1", "Host: gw", "Connection: close", auth_line, *lines]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
         data = await asyncio.wait_for(reader.read(), 5)
     finally:
@@ -504,12 +511,11 @@ async def test_underscore_spellings_of_trusted_headers_are_dropped(
     start_upstream, start_gateway
 ) -> None:
     # CGI/WSGI map X_Metergate_Account and X-Metergate-Account to the same variable.
-    upstream = await start_upstream({"/{tail:.*}": echo})
-    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    gateway = await _gateway_over_echo(start_upstream, start_gateway)
     seen = await _raw_echo(
         gateway.port,
+        "acct-under",
         [
-            f"Authorization: Bearer {make_token('acct-under')}",
             "X_Metergate_Account: victim",
             "x_metergate_tier: enterprise",
             "X_METERGATE_ROLE: admin",
@@ -548,12 +554,11 @@ async def test_underscore_spellings_of_trusted_headers_are_dropped(
 async def test_route_method_and_client_address_overrides_are_dropped(
     start_upstream, start_gateway
 ) -> None:
-    upstream = await start_upstream({"/{tail:.*}": echo})
-    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    gateway = await _gateway_over_echo(start_upstream, start_gateway)
     seen = await _raw_echo(
         gateway.port,
+        "acct-override",
         [
-            f"Authorization: Bearer {make_token('acct-override')}",
             "X-Original-URL: /export/pdf",
             "X-Rewrite-URL: /export/pdf",
             "X-HTTP-Method-Override: DELETE",
