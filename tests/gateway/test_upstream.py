@@ -80,6 +80,30 @@ async def _get(pool: UpstreamPool, path: str = "/x", method: str = "GET") -> byt
         resp.release()
 
 
+def _answer_then_wait(answer: bytes) -> Handler:
+    """A backend that reads one request head, sends these bytes, and waits for the client
+    to hang up."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        await reader.read()
+
+    return handler
+
+
+def _answer_then_close(answer: bytes) -> Handler:
+    """A backend that reads one request head, sends these bytes, and closes the connection."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+
+    return handler
+
+
 def _keep_alive(backend_state: list[Backend], answer: bytes = OK) -> Handler:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -156,12 +180,8 @@ async def test_a_post_with_a_body_is_not_retried(backend) -> None:
 
 
 async def test_idle_connection_the_backend_closed_is_not_handed_out(backend) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(OK)
-        await writer.drain()  # and close: keep-alive promised, then broken
-
-    state = await backend(handler)
+    # Keep-alive promised, then broken: the backend closes after the answer.
+    state = await backend(_answer_then_close(OK))
     pool = state.pool()
     assert await _get(pool) == b"ok"
     await asyncio.sleep(0.05)  # connection_lost has marked it dead
@@ -227,15 +247,13 @@ async def test_streamed_chunked_body_is_framed(backend) -> None:
 
 
 async def test_interim_answers_are_skipped(backend) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
-        writer.write(b"HTTP/1.1 201 Created\r\nX-Final: 1\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        await reader.read()
-
-    state = await backend(handler)
+    state = await backend(
+        _answer_then_wait(
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nX-Final: 1\r\nContent-Length: 2\r\n\r\nok"
+        )
+    )
     pool = state.pool()
     resp = await pool.request("GET", "/x", CIMultiDict())
     assert resp.status == 201
@@ -275,13 +293,7 @@ async def test_interim_answers_are_skipped(backend) -> None:
     ],
 )
 async def test_ambiguous_or_malformed_answers_are_refused(answer: bytes, backend) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answer)
-        await writer.drain()
-        await reader.read()
-
-    state = await backend(handler)
+    state = await backend(_answer_then_wait(answer))
     pool = state.pool()
     with pytest.raises(UpstreamUnavailable):
         await pool.request("GET", "/x", CIMultiDict())
@@ -289,15 +301,8 @@ async def test_ambiguous_or_malformed_answers_are_refused(answer: bytes, backend
 
 
 async def test_a_head_over_the_size_limit_is_refused(backend) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\n")
-        for i in range(20_000):
-            writer.write(b"X-H%d: v\r\n" % i)
-        await writer.drain()
-        await reader.read()
-
-    state = await backend(handler)
+    fields = b"".join(b"X-H%d: v\r\n" % i for i in range(20_000))
+    state = await backend(_answer_then_wait(b"HTTP/1.1 200 OK\r\n" + fields))
     pool = state.pool()
     with pytest.raises(UpstreamUnavailable):
         await pool.request("GET", "/x", CIMultiDict())
@@ -363,12 +368,7 @@ async def test_connection_close_and_http_1_0_are_not_reused(answer: bytes, backe
 
 
 async def test_a_body_delimited_by_the_end_of_the_connection(backend) -> None:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.0 200 OK\r\n\r\nuntil the end")
-        await writer.drain()
-
-    state = await backend(handler)
+    state = await backend(_answer_then_close(b"HTTP/1.0 200 OK\r\n\r\nuntil the end"))
     pool = state.pool()
     assert await _get(pool) == b"until the end"
     await pool.close()
