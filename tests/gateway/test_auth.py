@@ -232,6 +232,23 @@ def _write(path: Path, data: bytes) -> str:
     return str(path)
 
 
+async def _gateway_with_public_key_file(
+    start_gateway: Start,
+    config: Config,
+    tmp_path: Path,
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey,
+    algorithm: str,
+) -> tuple[TestServer, bytes]:
+    """A gateway that accepts only `algorithm`, verifying against key's public half read from
+    a PEM file; the gateway and that PEM."""
+    pem = _public_pem(key)
+    key_file = _write(tmp_path / f"jwt-{algorithm}.pem", pem)
+    gateway = await start_gateway(
+        _with_auth(config, algorithms=(algorithm,), public_key_file=key_file)
+    )
+    return gateway, pem
+
+
 @pytest.fixture(scope="module")
 def rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -250,10 +267,8 @@ async def test_rs256_with_public_key_file(
     start_gateway: Start,
 ) -> None:
     recorder, config = backend
-    pem = _public_pem(rsa_key)
-    key_file = _write(tmp_path / "jwt.pem", pem)
-    gateway = await start_gateway(
-        _with_auth(config, algorithms=("RS256",), public_key_file=key_file)
+    gateway, pem = await _gateway_with_public_key_file(
+        start_gateway, config, tmp_path, rsa_key, "RS256"
     )
 
     status, _, _ = await _get(gateway, _bearer(jwt.encode(_claims(), rsa_key, algorithm="RS256")))
@@ -285,10 +300,8 @@ async def test_es256_with_public_key_file(
     start_gateway: Start,
 ) -> None:
     recorder, config = backend
-    pem = _public_pem(ec_key)
-    key_file = _write(tmp_path / "jwt-ec.pem", pem)
-    gateway = await start_gateway(
-        _with_auth(config, algorithms=("ES256",), public_key_file=key_file)
+    gateway, pem = await _gateway_with_public_key_file(
+        start_gateway, config, tmp_path, ec_key, "ES256"
     )
     status, _, _ = await _get(gateway, _bearer(jwt.encode(_claims(), ec_key, algorithm="ES256")))
     assert status == 200
