@@ -114,10 +114,19 @@ def _keep_alive(backend_state: list[Backend], answer: bytes = OK) -> Handler:
     return handler
 
 
-async def test_keep_alive_connections_are_reused_and_the_head_is_well_formed(backend) -> None:
+async def _keep_alive_backend(
+    backend: Callable[[Handler], Awaitable[Backend]], answer: bytes = OK
+) -> Backend:
+    """A started backend that answers every request on a connection with `answer` and
+    records the request heads."""
     ref: list[Backend] = []
-    state = await backend(_keep_alive(ref))
+    state = await backend(_keep_alive(ref, answer))
     ref.append(state)
+    return state
+
+
+async def test_keep_alive_connections_are_reused_and_the_head_is_well_formed(backend) -> None:
+    state = await _keep_alive_backend(backend)
     pool = state.pool()
     headers = CIMultiDict({"X-Request-Id": "1", "Accept": "text/csv"})
     for _ in range(5):
@@ -357,9 +366,7 @@ async def test_stalls_before_the_head_and_inside_the_body_time_out(backend) -> N
     ids=["connection-close", "http-1.0"],
 )
 async def test_connection_close_and_http_1_0_are_not_reused(answer: bytes, backend) -> None:
-    ref: list[Backend] = []
-    state = await backend(_keep_alive(ref, answer))
-    ref.append(state)
+    state = await _keep_alive_backend(backend, answer)
     pool = state.pool()
     assert await _get(pool) == b"ok"
     assert await _get(pool) == b"ok"
@@ -402,9 +409,7 @@ async def test_head_and_no_content_answers_have_no_body(backend) -> None:
 
 
 async def test_the_pool_is_bounded_and_waits_for_a_free_connection(backend) -> None:
-    ref: list[Backend] = []
-    state = await backend(_keep_alive(ref))
-    ref.append(state)
+    state = await _keep_alive_backend(backend)
     pool = state.pool(max_connections=1, connect_timeout=0.2)
     held = await pool.request("GET", "/x", CIMultiDict())
     with pytest.raises(UpstreamUnavailable, match="busy"):
@@ -454,9 +459,7 @@ async def test_refused_connection_is_unavailable() -> None:
 
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
 async def test_line_breaks_in_header_values_never_leave(value: str, backend) -> None:
-    ref: list[Backend] = []
-    state = await backend(_keep_alive(ref))
-    ref.append(state)
+    state = await _keep_alive_backend(backend)
     pool = state.pool()
     with pytest.raises(UpstreamUnavailable):
         await pool.request("GET", "/x", CIMultiDict({"X-Metergate-Account": value}))
@@ -465,11 +468,9 @@ async def test_line_breaks_in_header_values_never_leave(value: str, backend) -> 
 
 
 async def test_a_second_answer_to_one_request_drops_the_connection(backend) -> None:
-    ref: list[Backend] = []
-    state = await backend(
-        _keep_alive(ref, OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge")
+    state = await _keep_alive_backend(
+        backend, OK + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nforge"
     )
-    ref.append(state)
     pool = state.pool()
     assert await _get(pool) == b"ok"
     assert await _get(pool) == b"ok"
