@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 import redis.asyncio as redis
 from aiohttp.test_utils import TestServer
 
@@ -49,6 +50,12 @@ async def start_stripe_admin(
     server = await start_admin(env=stripe_env(double.settings))
     double.webhook_url = str(server.make_url("/webhooks/stripe"))
     return server
+
+
+@pytest.fixture
+async def admin(start_admin: StartAdmin, stripe_double: StripeDouble, clock: Clock) -> TestServer:
+    """The admin app in Stripe mode, talking to the double and receiving its webhooks."""
+    return await start_stripe_admin(start_admin, stripe_double, clock)
 
 
 async def call(
@@ -121,26 +128,21 @@ async def tier_the_gateway_forwards(
         return resp.status, dict((await resp.json())["headers"])["X-Metergate-Tier"]
 
 
-async def test_stripe_mode_is_stated(
-    start_admin: StartAdmin, stripe_double: StripeDouble, clock: Clock
-) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    assert server.app[BILLING].mode == "stripe"
-    _, pricing = await call(server, "GET", "/pricing")
+async def test_stripe_mode_is_stated(admin: TestServer) -> None:
+    assert admin.app[BILLING].mode == "stripe"
+    _, pricing = await call(admin, "GET", "/pricing")
     assert pricing["mode"] == "stripe"
-    _, health = await call(server, "GET", "/health/billing")
+    _, health = await call(admin, "GET", "/health/billing")
     assert health["mode"] == "stripe" and health["stripe_reachable"] is True
 
 
 async def test_subscribe_through_stripe_then_the_gateway_gives_pro(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
-    clock: Clock,
     redis_client: redis.Redis,
     start_gateway: Any,
     start_upstream: Any,
 ) -> None:
-    admin = await start_stripe_admin(start_admin, stripe_double, clock)
     gateway = await start_gateway_in_front(admin, start_gateway, start_upstream)
     payload = {"tier": "pro", "payment_method_id": VISA}
     async with aiohttp.ClientSession() as session:
@@ -168,83 +170,72 @@ async def test_subscribe_through_stripe_then_the_gateway_gives_pro(
 
 
 async def test_three_d_secure(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
-    clock: Clock,
     redis_client: redis.Redis,
 ) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    status, body = await subscribe(server, NEEDS_3DS)
+    status, body = await subscribe(admin, NEEDS_3DS)
     assert status == 201, body
     assert body["subscription"]["status"] == "incomplete"
     assert body["requires_action"] is True and body["client_secret"]
-    await deliver_and_apply(server, stripe_double)
+    await deliver_and_apply(admin, stripe_double)
     assert (await plan(redis_client)).get("status") != "active"
-    _, st = await call(server, "GET", "/billing/status")
+    _, st = await call(admin, "GET", "/billing/status")
     assert st["usage"]["included"] == 100  # nothing paid yet: the free tier's rules
     stripe_double.confirm_payment(body["subscription"]["id"])
-    await deliver_and_apply(server, stripe_double)
+    await deliver_and_apply(admin, stripe_double)
     assert await tier_and_status(redis_client) == ("pro", "active")
 
 
-async def test_declined_card_is_402(
-    start_admin: StartAdmin, stripe_double: StripeDouble, clock: Clock
-) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    status, body = await subscribe(server, "pm_card_chargeDeclined")
+async def test_declined_card_is_402(admin: TestServer, stripe_double: StripeDouble) -> None:
+    status, body = await subscribe(admin, "pm_card_chargeDeclined")
     assert (status, body["error"]["code"]) == (402, "card_declined")
     assert not stripe_double.subscriptions
 
 
 async def test_upgrade_downgrade_and_cancel(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
-    clock: Clock,
     redis_client: redis.Redis,
 ) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    _, body = await subscribe(server)
+    _, body = await subscribe(admin)
     sub_id = body["subscription"]["id"]
     for tier in ("enterprise", "starter"):
-        status, body = await call(server, "POST", "/billing/upgrade", json={"tier": tier})
+        status, body = await call(admin, "POST", "/billing/upgrade", json={"tier": tier})
         assert status == 200, body
         assert body["subscription"]["tier"] == tier
-        await deliver_and_apply(server, stripe_double)
+        await deliver_and_apply(admin, stripe_double)
         assert (await plan(redis_client))["tier"] == tier
-    status, body = await cancel(server, at_period_end=True)
+    status, body = await cancel(admin, at_period_end=True)
     assert status == 200 and body["subscription"]["cancel_at_period_end"] is True
-    await deliver_and_apply(server, stripe_double)
+    await deliver_and_apply(admin, stripe_double)
     assert (await plan(redis_client))["status"] == "active"
     stripe_double.advance_period(sub_id)  # the period ends: Stripe deletes the subscription
-    await deliver_and_apply(server, stripe_double)
+    await deliver_and_apply(admin, stripe_double)
     assert (await plan(redis_client))["status"] == "canceled"
     assert not await redis_client.sismember(keys.PAID_ACCOUNTS, "acct-1")
 
 
 async def test_cancel_at_once(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
-    clock: Clock,
     redis_client: redis.Redis,
 ) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    await subscribe(server)
-    status, body = await cancel(server, at_period_end=False)
+    await subscribe(admin)
+    status, body = await cancel(admin, at_period_end=False)
     assert status == 200 and body["subscription"]["status"] == "canceled"
-    await deliver_and_apply(server, stripe_double)
+    await deliver_and_apply(admin, stripe_double)
     assert (await plan(redis_client))["status"] == "canceled"
-    _, st = await call(server, "GET", "/billing/status")
+    _, st = await call(admin, "GET", "/billing/status")
     assert st["has_subscription"] is False
 
 
 async def test_stripe_down_fails_fast_and_the_gateway_keeps_the_plan(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
-    clock: Clock,
     start_gateway: Any,
     start_upstream: Any,
 ) -> None:
-    admin = await start_stripe_admin(start_admin, stripe_double, clock)
     gateway = await start_gateway_in_front(admin, start_gateway, start_upstream)
     assert (await subscribe(admin))[0] == 201
     stripe_double.down = "close"
@@ -265,11 +256,10 @@ async def test_stripe_down_fails_fast_and_the_gateway_keeps_the_plan(
 
 
 async def test_concurrent_subscribes_make_one_customer_and_one_subscription(
-    start_admin: StartAdmin, stripe_double: StripeDouble, clock: Clock
+    admin: TestServer, stripe_double: StripeDouble
 ) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
     stripe_double.latency = 0.05  # let the requests overlap at Stripe
-    results = await asyncio.gather(*(subscribe(server) for _ in range(5)))
+    results = await asyncio.gather(*(subscribe(admin) for _ in range(5)))
     assert all(status in (200, 201) for status, _ in results), results
     assert len({body["subscription"]["id"] for _, body in results}) == 1
     assert len(stripe_double.customers) == 1
@@ -278,43 +268,39 @@ async def test_concurrent_subscribes_make_one_customer_and_one_subscription(
 
 
 async def test_subscribe_after_a_cancel_makes_a_new_subscription(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
-    clock: Clock,
     redis_client: redis.Redis,
 ) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    _, first = await subscribe(server)
-    await cancel(server, at_period_end=False)
-    status, again = await subscribe(server)
+    _, first = await subscribe(admin)
+    await cancel(admin, at_period_end=False)
+    status, again = await subscribe(admin)
     assert status == 201, again
     assert again["subscription"]["id"] != first["subscription"]["id"]
     assert again["subscription"]["status"] == "active"
     statuses = sorted(s["status"] for s in stripe_double.subscriptions.values())
     assert statuses == ["active", "canceled"]
-    await deliver_and_apply(server, stripe_double)
+    await deliver_and_apply(admin, stripe_double)
     stored = await plan(redis_client)
     assert stored["subscription_id"] == again["subscription"]["id"]
     assert (stored["tier"], stored["status"]) == ("pro", "active")
 
 
 async def test_a_retried_three_d_secure_subscribe_keeps_one_subscription(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
-    clock: Clock,
     redis_client: redis.Redis,
 ) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    _, first = await subscribe(server, NEEDS_3DS)
+    _, first = await subscribe(admin, NEEDS_3DS)
     assert first["subscription"]["status"] == "incomplete"
-    await deliver_and_apply(server, stripe_double)  # the plan hears of the incomplete one
-    status, again = await subscribe(server, NEEDS_3DS)
+    await deliver_and_apply(admin, stripe_double)  # the plan hears of the incomplete one
+    status, again = await subscribe(admin, NEEDS_3DS)
     assert status == 200, again
     assert again["subscription"]["id"] == first["subscription"]["id"]
     assert again["requires_action"] is True and again["client_secret"] == first["client_secret"]
     assert len(stripe_double.subscriptions) == 1
     # Another card: the incomplete subscription is canceled before the new one is made.
-    status, other = await subscribe(server, VISA)
+    status, other = await subscribe(admin, VISA)
     assert status == 201, other
     assert other["subscription"]["status"] == "active"
     by_status = {s["status"]: s["id"] for s in stripe_double.subscriptions.values()}
@@ -322,64 +308,60 @@ async def test_a_retried_three_d_secure_subscribe_keeps_one_subscription(
         "canceled": first["subscription"]["id"],
         "active": other["subscription"]["id"],
     }
-    await deliver_and_apply(server, stripe_double)
+    await deliver_and_apply(admin, stripe_double)
     stored = await plan(redis_client)
     assert (stored["subscription_id"], stored["status"]) == (other["subscription"]["id"], "active")
 
 
 async def test_after_the_customer_is_deleted_the_account_can_subscribe_again(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
     clock: Clock,
     redis_client: redis.Redis,
 ) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    first = await subscribe_and_apply(server, stripe_double)
+    first = await subscribe_and_apply(admin, stripe_double)
     old = first["subscription"]["customer_id"]
     clock.advance(60)
-    await delete_customer_at_stripe(server, old)
-    await deliver_and_apply(server, stripe_double)
+    await delete_customer_at_stripe(admin, old)
+    await deliver_and_apply(admin, stripe_double)
     assert (await plan(redis_client))["tier"] == "free"
     assert not await redis_client.exists(keys.customer_key("acct-1"))
     assert not await redis_client.hexists(keys.CUSTOMERS, old)
-    status, again = await subscribe(server)
+    status, again = await subscribe(admin)
     assert status == 201, again
     assert again["subscription"]["customer_id"] != old
     assert again["subscription"]["status"] == "active"
 
 
 async def test_a_stored_customer_stripe_no_longer_has_is_replaced(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
     clock: Clock,
     redis_client: redis.Redis,
 ) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    first = await subscribe_and_apply(server, stripe_double)
+    first = await subscribe_and_apply(admin, stripe_double)
     old = first["subscription"]["customer_id"]
     clock.advance(60)
     # Deleted at Stripe; the webhook has not been applied yet, so Redis still names it.
-    await delete_customer_at_stripe(server, old)
-    status, again = await subscribe(server)
+    await delete_customer_at_stripe(admin, old)
+    status, again = await subscribe(admin)
     assert status == 201, again
     new = again["subscription"]["customer_id"]
     assert new != old and again["subscription"]["status"] == "active"
     assert await redis_client.get(keys.customer_key("acct-1")) == new.encode()
     assert await redis_client.hget(keys.CUSTOMERS, new) == b"acct-1"
-    await deliver_and_apply(server, stripe_double)  # the late customer.deleted changes nothing
+    await deliver_and_apply(admin, stripe_double)  # the late customer.deleted changes nothing
     stored = await plan(redis_client)
     assert (stored["subscription_id"], stored["status"]) == (again["subscription"]["id"], "active")
     assert await redis_client.get(keys.customer_key("acct-1")) == new.encode()
 
 
 async def test_a_poison_event_is_dead_lettered_and_later_events_still_apply(
-    start_admin: StartAdmin,
+    admin: TestServer,
     stripe_double: StripeDouble,
-    clock: Clock,
     redis_client: redis.Redis,
 ) -> None:
-    server = await start_stripe_admin(start_admin, stripe_double, clock)
-    first = await subscribe_and_apply(server, stripe_double)
+    first = await subscribe_and_apply(admin, stripe_double)
     # A subscription with no items: signed, but re-fetching it makes the applier raise.
     broken = first["subscription"]["id"]
     stripe_double.subscriptions[broken]["items"]["data"] = []
@@ -389,9 +371,9 @@ async def test_a_poison_event_is_dead_lettered_and_later_events_still_apply(
         )
         == 200
     )
-    await subscribe(server, sub="acct-2")
+    await subscribe(admin, sub="acct-2")
     await stripe_double.deliver()
-    applier = consumer(server)
+    applier = consumer(admin)
     await applier.drain()  # does not raise, and the events after the poison apply
     assert (await plan(redis_client, "acct-2"))["status"] == "active"
     assert await redis_client.xlen(keys.WEBHOOK_DEAD_STREAM) == 0
