@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import pytest
 import redis.asyncio as redis
@@ -46,6 +47,19 @@ async def write_active_plan(r: redis.Redis, account: str, tier: str, start: int)
     )
 
 
+PaidAccount = Callable[..., Awaitable[tuple[str, int]]]
+
+
+@pytest.fixture
+def paid(stripe_billing: StripeBilling, redis_client: redis.Redis, clock: Clock) -> PaidAccount:
+    """paid(account, tier="pro"): paid_account at the double, on the test clock."""
+
+    async def make(account: str, tier: str = "pro") -> tuple[str, int]:
+        return await paid_account(account, stripe_billing, redis_client, clock, tier)
+
+    return make
+
+
 @pytest.fixture
 def store(redis_client: redis.Redis, gateway_config: Config, clock: Clock) -> RedisQuotaStore:
     """The gateway's quota store, charging on the test clock."""
@@ -66,14 +80,14 @@ async def charge(store: RedisQuotaStore, account: str, units: int) -> None:
 
 
 async def test_overage_is_reported_once_and_then_only_the_increase(
-    stripe_billing: StripeBilling,
+    paid: PaidAccount,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
     clock: Clock,
     store: RedisQuotaStore,
     reporter: UsageReporter,
 ) -> None:
-    customer, start = await paid_account("acct-1", stripe_billing, redis_client, clock)
+    customer, start = await paid("acct-1")
     await charge(store, "acct-1", 10_000)  # pro includes 10,000 units
     assert await reporter.run_once() == []
 
@@ -98,13 +112,14 @@ async def test_overage_is_reported_once_and_then_only_the_increase(
 
 
 async def test_a_crash_after_sending_resends_the_same_event_and_bills_once(
+    paid: PaidAccount,
     stripe_billing: StripeBilling,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
     clock: Clock,
     store: RedisQuotaStore,
 ) -> None:
-    customer, start = await paid_account("acct-1", stripe_billing, redis_client, clock)
+    customer, start = await paid("acct-1")
     await charge(store, "acct-1", 10_040)
 
     dying = UsageReporter(redis_client, stripe_billing, clock=clock)
@@ -133,16 +148,13 @@ async def test_a_crash_after_sending_resends_the_same_event_and_bills_once(
 
 
 async def test_a_new_period_starts_counting_from_zero(
-    stripe_billing: StripeBilling,
+    paid: PaidAccount,
     stripe_double: StripeDouble,
-    redis_client: redis.Redis,
     clock: Clock,
     store: RedisQuotaStore,
     reporter: UsageReporter,
 ) -> None:
-    customer, start = await paid_account(
-        "acct-1", stripe_billing, redis_client, clock, tier="starter"
-    )
+    customer, start = await paid("acct-1", tier="starter")
     await charge(store, "acct-1", 1_100)  # starter includes 1,000
     (first,) = await reporter.run_once()
     assert first.units == 100
@@ -192,7 +204,7 @@ async def test_stripe_down_keeps_the_claim_for_the_next_run(
 
 
 async def test_accounts_without_a_customer_or_overage_are_skipped(
-    stripe_billing: StripeBilling,
+    paid: PaidAccount,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
     clock: Clock,
@@ -202,13 +214,14 @@ async def test_accounts_without_a_customer_or_overage_are_skipped(
     await redis_client.sadd(PAID_ACCOUNTS, "no-customer")
     await write_active_plan(redis_client, "no-customer", "pro", int(clock.now))
     await charge(store, "no-customer", 10_050)
-    await paid_account("quiet", stripe_billing, redis_client, clock)
+    await paid("quiet")
     await charge(store, "quiet", 10)
     assert await reporter.run_once() == []
     assert stripe_double.meter_event_requests == 0
 
 
 async def test_run_reporter_reports_in_the_background_until_cancelled(
+    paid: PaidAccount,
     stripe_billing: StripeBilling,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
@@ -216,7 +229,7 @@ async def test_run_reporter_reports_in_the_background_until_cancelled(
     clock: Clock,
     store: RedisQuotaStore,
 ) -> None:
-    customer, _ = await paid_account("acct-1", stripe_billing, redis_client, clock)
+    customer, _ = await paid("acct-1")
     await charge(store, "acct-1", 10_004)
     task = asyncio.create_task(
         run_reporter(
@@ -241,16 +254,14 @@ async def test_run_reporter_reports_in_the_background_until_cancelled(
 
 
 async def test_overage_charged_after_the_last_report_is_billed_after_rollover(
-    stripe_billing: StripeBilling,
+    paid: PaidAccount,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
     clock: Clock,
     store: RedisQuotaStore,
     reporter: UsageReporter,
 ) -> None:
-    customer, start = await paid_account(
-        "acct-1", stripe_billing, redis_client, clock, tier="starter"
-    )
+    customer, start = await paid("acct-1", tier="starter")
     await charge(store, "acct-1", 1_100)  # starter includes 1,000
     (first,) = await reporter.run_once()
     assert first.units == 100
@@ -272,16 +283,13 @@ async def test_overage_charged_after_the_last_report_is_billed_after_rollover(
 
 
 async def test_a_claim_sent_just_before_rollover_is_not_billed_twice(
-    stripe_billing: StripeBilling,
+    paid: PaidAccount,
     stripe_double: StripeDouble,
-    redis_client: redis.Redis,
     clock: Clock,
     store: RedisQuotaStore,
     reporter: UsageReporter,
 ) -> None:
-    customer, start = await paid_account(
-        "acct-1", stripe_billing, redis_client, clock, tier="starter"
-    )
+    customer, start = await paid("acct-1", tier="starter")
     await charge(store, "acct-1", 1_030)
     claim = await reporter.claim("acct-1")
     assert claim is not None and claim.units == 30
@@ -297,14 +305,14 @@ async def test_a_claim_sent_just_before_rollover_is_not_billed_twice(
 
 
 async def test_overage_of_a_lapsed_account_is_reported_before_it_leaves_the_set(
-    stripe_billing: StripeBilling,
+    paid: PaidAccount,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
     clock: Clock,
     store: RedisQuotaStore,
     reporter: UsageReporter,
 ) -> None:
-    customer, start = await paid_account("acct-1", stripe_billing, redis_client, clock)
+    customer, start = await paid("acct-1")
     plans = Plans(redis_client, AuditLog(redis_client, clock=clock), clock=clock)
     await charge(store, "acct-1", 10_012)
     # The subscription stops paying before the reporter ran: the account leaves the paid set
