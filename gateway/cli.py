@@ -138,7 +138,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 def _gateway_worker(index: int) -> None:
     # Runs in a spawned worker process: settings are read again from the same environment.
-    from gateway.app import create_app, direct_handler
+    from gateway.app import create_app, gateway_handler
     from gateway.server import ListenError, Site, run, serve
 
     settings = load_settings()
@@ -147,8 +147,9 @@ def _gateway_worker(index: int) -> None:
         settings.gateway_host,
         settings.gateway_port,
         reuse_port=settings.workers > 1,
-        runner_args=gateway_runner_args(settings),
-        handler=direct_handler,
+        handler=gateway_handler,
+        limits=settings.config.limits,
+        access_log=settings.config.gateway.access_log,
     )
     try:
         run(serve([site]))
@@ -157,17 +158,6 @@ def _gateway_worker(index: int) -> None:
             raise
         print(f"metergate: worker {index}: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
-
-
-def gateway_runner_args(settings: Settings) -> dict[str, object]:
-    limits = settings.config.limits
-    args: dict[str, object] = {
-        "max_line_size": limits.max_line_bytes,
-        "max_field_size": limits.max_header_bytes,
-    }
-    if not settings.config.gateway.access_log:
-        args["access_log"] = None
-    return args
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from aiohttp import web
 from config.load import ConfigError
 from config.settings import Settings
 from gateway.auth import issue_token
-from gateway.cli import gateway_runner_args, warn_dev_secret
+from gateway.cli import warn_dev_secret
 from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from gateway.server import Site, run, serve
 
@@ -55,7 +55,7 @@ def run_admin(settings: Settings) -> int:
 
 
 def run_up(settings: Settings, *, data_dir: str = "var") -> int:
-    from gateway.app import create_app, direct_handler
+    from gateway.app import create_app, gateway_handler
     from gateway.demo_backend import create_demo_backend
 
     settings = _admin_upstream_follows_listen(settings)
@@ -82,8 +82,9 @@ def run_up(settings: Settings, *, data_dir: str = "var") -> int:
                 create_app(settings),
                 settings.gateway_host,
                 settings.gateway_port,
-                runner_args=gateway_runner_args(settings),
-                handler=direct_handler,
+                handler=gateway_handler,
+                limits=settings.config.limits,
+                access_log=settings.config.gateway.access_log,
             ),
         ]
         sites.append(Site(_admin_app(settings), settings.admin_host, settings.admin_port))

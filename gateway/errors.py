@@ -20,6 +20,11 @@ class ErrorBody(msgspec.Struct, omit_defaults=True):
 _encode = msgspec.json.Encoder().encode
 
 
+def error_body(code: str, message: str, details: dict[str, object] | None = None) -> bytes:
+    """The JSON body of every error: ``{"error": {"code", "message", "details"?}}``."""
+    return _encode({"error": ErrorBody(code, message, details)})
+
+
 def json_error(
     status: int,
     code: str,
@@ -28,7 +33,7 @@ def json_error(
     headers: Mapping[str, str] | None = None,
     details: dict[str, object] | None = None,
 ) -> web.Response:
-    body = _encode({"error": ErrorBody(code, message, details)})
+    body = error_body(code, message, details)
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
@@ -52,10 +57,14 @@ class BadPath(GatewayError):
     """The request target cannot be canonicalized unambiguously."""
 
 
-def unauthorized(exc: AuthError) -> web.Response:
-    """401 with the RFC 6750 challenge: no error code when the request had no credentials."""
+def bearer_challenge(exc: AuthError) -> tuple[str, str]:
+    """The 401's code and RFC 6750 challenge: no error code when there were no credentials."""
     if exc.missing:
-        challenge, code = 'Bearer realm="metergate"', "missing_token"
-    else:
-        challenge, code = 'Bearer realm="metergate", error="invalid_token"', "invalid_token"
+        return "missing_token", 'Bearer realm="metergate"'
+    return "invalid_token", 'Bearer realm="metergate", error="invalid_token"'
+
+
+def unauthorized(exc: AuthError) -> web.Response:
+    """401 with the RFC 6750 challenge."""
+    code, challenge = bearer_challenge(exc)
     return json_error(401, code, str(exc), headers={"WWW-Authenticate": challenge})

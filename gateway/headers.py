@@ -60,7 +60,7 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
 
 
 def upstream_request_headers(
-    headers: CIMultiDictProxy[str],
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
     *,
     keep_authorization: bool,
     client_ip: str | None,

@@ -14,15 +14,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
 
-from aiohttp import web
-from multidict import CIMultiDict
-
 from config.model import Config
 from gateway import headers as hdr
 from gateway import metrics
 from gateway.auth import Claims, TokenVerifier
-from gateway.errors import AuthError, BadPath, QuotaStoreUnavailable, json_error, unauthorized
+from gateway.errors import AuthError, BadPath, QuotaStoreUnavailable, bearer_challenge
 from gateway.failopen import FailOpenLedger
+from gateway.front import ClientGone, Request
 from gateway.quota import Decision, QuotaStore, Reason
 from gateway.routing import MethodNotAllowed, PricedRoute, RouteTable, canonicalize
 from gateway.upstream import (
@@ -36,7 +34,7 @@ from gateway.upstream import (
 log = logging.getLogger(__name__)
 
 # Bodies up to this size are read whole: the request leaves with its head in one write,
-# and the answer goes to the client as one web.Response (one write) instead of three.
+# and the answer goes to the client in one write.
 _SMALL = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 _DENIAL = {
@@ -86,45 +84,47 @@ class Proxy:
         }
         self._upgrade = _upgrade_hints(config)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> None:
         started = time.perf_counter()
         try:
             path, query = canonicalize(request.raw_path)
         except BadPath as exc:
-            return self._finish(self._unmatched, json_error(400, "bad_path", str(exc)), started)
+            return self._error(request, self._unmatched, started, 400, "bad_path", str(exc))
         match = self._table.match(request.method, path)
         if match is None:
-            resp = json_error(404, "route_not_found", f"no route for {path}")
-            return self._finish(self._unmatched, resp, started)
+            return self._error(
+                request, self._unmatched, started, 404, "route_not_found", f"no route for {path}"
+            )
         if isinstance(match, MethodNotAllowed):
-            resp = json_error(
+            return self._error(
+                request,
+                self._unmatched,
+                started,
                 405,
                 "method_not_allowed",
                 f"{request.method} is not allowed on {path}",
                 headers={"Allow": ", ".join(match.allowed)},
             )
-            return self._finish(self._unmatched, resp, started)
         route = match
         rm = self._route_metrics[route.name]
         length = request.content_length
         if length is not None and length > self._max_body:
             metrics.DENIALS.labels("body_too_large").inc()
-            resp = json_error(413, "body_too_large", f"request body over {self._max_body} bytes")
-            return self._finish(rm, resp, started)
+            message = f"request body over {self._max_body} bytes"
+            return self._error(request, rm, started, 413, "body_too_large", message)
 
         claims: Claims | None = None
         if len(request.headers.getall("Authorization", ())) > 1:
             # Which one counts would be up to whoever reads it next: the gateway might
             # charge one account while a backend that reads the other serves another.
-            metrics.DENIALS.labels("unauthorized").inc()
-            denied = unauthorized(AuthError("more than one Authorization header"))
-            return self._finish(rm, denied, started)
+            return self._unauthorized(
+                request, rm, started, AuthError("more than one Authorization header")
+            )
         if not route.public:
             try:
                 claims = await self._verifier.verify_header(request.headers.get("Authorization"))
             except AuthError as exc:
-                metrics.DENIALS.labels("unauthorized").inc()
-                return self._finish(rm, unauthorized(exc), started)
+                return self._unauthorized(request, rm, started, exc)
 
         decision: Decision | None = None
         receipt: int | None = None  # a fail-open record's
@@ -140,33 +140,61 @@ class Proxy:
                 # Failing open cannot serve a tier-restricted route: the tier is unknown.
                 if self._failopen is None or route.tiers:
                     log.debug("refusing %s %s: %s", request.method, path, exc)
-                    return self._finish(rm, _metering_unavailable(), started)
+                    return self._metering_unavailable(request, rm, started)
                 receipt = self._failopen.record(claims.sub, route.name, route.cost)
             else:
                 if not decision.allowed:
-                    code, denied = self._denied(decision)
-                    metrics.DENIALS.labels(code).inc()
-                    return self._finish(rm, denied, started)
+                    return self._denied(request, rm, started, decision)
                 if route.cost:
                     rm.charged(decision.tier, route.cost)
         if route.tiers and decision is None:
             # Never reached with a valid config (tiers need metering, public routes have no
             # tiers), but a route for some tiers is never served without knowing the tier.
-            return self._finish(rm, _metering_unavailable(), started)
+            return self._metering_unavailable(request, rm, started)
 
-        return await self._forward(
-            request, route, path, query, claims, decision, rm, started, receipt
-        )
+        await self._forward(request, route, path, query, claims, decision, rm, started, receipt)
 
-    def _finish(
-        self, rm: metrics.RouteMetrics, resp: web.StreamResponse, started: float
-    ) -> web.StreamResponse:
-        rm.request(resp.status)
+    def _error(
+        self,
+        request: Request,
+        rm: metrics.RouteMetrics,
+        started: float,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        details: dict[str, object] | None = None,
+    ) -> None:
+        request.error(status, code, message, headers=headers, details=details)
+        self._observe(rm, status, started)
+
+    @staticmethod
+    def _observe(rm: metrics.RouteMetrics, status: int, started: float) -> None:
+        rm.request(status)
         rm.latency.observe(time.perf_counter() - started)
-        return resp
 
-    def _denied(self, decision: Decision) -> tuple[str, web.Response]:
+    def _unauthorized(
+        self, request: Request, rm: metrics.RouteMetrics, started: float, exc: AuthError
+    ) -> None:
+        metrics.DENIALS.labels("unauthorized").inc()
+        code, challenge = bearer_challenge(exc)
+        headers = {"WWW-Authenticate": challenge}
+        self._error(request, rm, started, 401, code, str(exc), headers=headers)
+
+    def _metering_unavailable(
+        self, request: Request, rm: metrics.RouteMetrics, started: float
+    ) -> None:
+        metrics.DENIALS.labels("metering_unavailable").inc()
+        message = "usage metering is temporarily unavailable; retry shortly"
+        headers = {"Retry-After": "1"}
+        self._error(request, rm, started, 503, "metering_unavailable", message, headers=headers)
+
+    def _denied(
+        self, request: Request, rm: metrics.RouteMetrics, started: float, decision: Decision
+    ) -> None:
         status, code = _DENIAL[decision.reason]
+        metrics.DENIALS.labels(code).inc()
         details: dict[str, object] = {
             "tier": decision.tier,
             "limit": decision.included,
@@ -189,11 +217,11 @@ class Proxy:
                 details["upgrade"] = hint
         if status == 429:
             headers["Retry-After"] = str(retry_after)
-        return code, json_error(status, code, message, headers=headers, details=details)
+        self._error(request, rm, started, status, code, message, headers=headers, details=details)
 
     async def _forward(
         self,
-        request: web.BaseRequest,
+        request: Request,
         route: PricedRoute,
         path: str,
         query: str,
@@ -202,7 +230,7 @@ class Proxy:
         rm: metrics.RouteMetrics,
         started: float,
         receipt: int | None,
-    ) -> web.StreamResponse:
+    ) -> None:
         upstream = route.upstream
         target = (
             self._upstream_prefixes[route.upstream_name] + path + ("?" + query if query else "")
@@ -238,7 +266,9 @@ class Proxy:
         data: bytes | AsyncIterator[bytes] | None = None
         try:
             if request.body_exists:
-                await _continue(request)
+                # Invite the body only now, once the request is authenticated and paid
+                # for: a refused request never has its upload sent.
+                request.send_continue()
                 length = request.content_length
                 if length is not None and length <= _SMALL:
                     try:
@@ -251,16 +281,20 @@ class Proxy:
             upstream_resp = await self._pools[route.upstream_name].request(
                 request.method, target, out_headers, data
             )
-        except (UpstreamError, _BodyTooLarge, _ClientStalled) as exc:
-            if isinstance(exc, _ClientStalled):
+        except (UpstreamError, _BodyTooLarge, _ClientStalled, ClientGone) as exc:
+            if isinstance(exc, (_ClientStalled, ClientGone)):
                 # A stalled upload (the pool discarded the backend connection it held, never
-                # to be reused mid-request): the client is not served, so it does not pay,
-                # and its connection is dropped, its body being half read.
+                # to be reused mid-request), or one that broke off: the client is not
+                # served, so it does not pay, and its connection is dropped, its body
+                # being half read.
+                request.hang_up()
+                if isinstance(exc, ClientGone):
+                    await refund("client_gone")
+                    message = "the request body broke off"
+                    return self._error(request, rm, started, 400, "bad_request", message)
                 await refund("client_timeout")
-                resp = json_error(408, "request_timeout", "the request body did not arrive in time")
-                self._finish(rm, resp, started)
-                await _send_and_hang_up(request, resp)
-                return resp
+                message = "the request body did not arrive in time"
+                return self._error(request, rm, started, 408, "request_timeout", message)
             if isinstance(exc, _BodyTooLarge):
                 status, code, message, kind = 413, "body_too_large", "request body too large", ""
             elif isinstance(exc, UpstreamTimeout):
@@ -273,26 +307,25 @@ class Proxy:
             if kind:
                 metrics.UPSTREAM_ERRORS.labels(route.upstream_name, kind).inc()
             await refund(kind or "body_too_large")
-            return self._finish(rm, json_error(status, code, message), started)
+            return self._error(request, rm, started, status, code, message)
 
         try:
             if upstream_resp.status in self._refund_statuses:
                 metrics.UPSTREAM_ERRORS.labels(route.upstream_name, str(upstream_resp.status)).inc()
                 await refund(str(upstream_resp.status))
-            return await self._relay(request, upstream_resp, decision, rm, started, refund)
+            await self._relay(request, upstream_resp, decision, rm, started, refund)
         finally:
             upstream_resp.release()
 
-    async def _body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
+    async def _body(self, request: Request) -> AsyncIterator[bytes]:
         seen = 0
-        content = request.content
         timeout = self._client_timeout
         while True:
             # An idle deadline per read, not one for the whole body: a large upload that
             # keeps moving may take as long as it needs.
             try:
                 async with asyncio.timeout(timeout):
-                    chunk = await content.readany()
+                    chunk = await request.readany()
             except TimeoutError:
                 raise _ClientStalled from None
             if not chunk:
@@ -304,13 +337,13 @@ class Proxy:
 
     async def _relay(
         self,
-        request: web.BaseRequest,
+        request: Request,
         upstream_resp: UpstreamResponse,
         decision: Decision | None,
         rm: metrics.RouteMetrics,
         started: float,
         refund: Callable[[str], Awaitable[None]],
-    ) -> web.StreamResponse:
+    ) -> None:
         status = upstream_resp.status
         headers = hdr.client_response_headers(upstream_resp.headers)
         if decision is not None:
@@ -325,48 +358,38 @@ class Proxy:
                 metrics.UPSTREAM_ERRORS.labels("stream", "truncated").inc()
                 log.warning("upstream body cut short: %r", exc)
                 await refund("truncated")
-                resp: web.StreamResponse = json_error(
-                    502, "upstream_unavailable", "the backend's answer broke off"
-                )
-                return self._finish(rm, resp, started)
-            resp = web.Response(
-                status=status, reason=upstream_resp.reason, headers=headers, body=body
-            )
-            return self._finish(rm, resp, started)
+                message = "the backend's answer broke off"
+                return self._error(request, rm, started, 502, "upstream_unavailable", message)
+            request.respond(status, headers, body, reason=upstream_resp.reason)
+            return self._observe(rm, status, started)
 
-        resp = web.StreamResponse(status=status, reason=upstream_resp.reason, headers=headers)
-        if length is not None and status not in _NO_BODY_STATUSES:
-            resp.content_length = length
-        self._finish(rm, resp, started)
-        await resp.prepare(request)
-        if no_body:
-            await resp.write_eof()
-            return resp
+        if status in _NO_BODY_STATUSES:
+            length = None
+        self._observe(rm, status, started)
         timeout = self._client_timeout
         try:
+            async with asyncio.timeout(timeout):
+                await request.start(status, headers, length=length, reason=upstream_resp.reason)
+            if no_body:
+                return
             while chunk := await upstream_resp.read():
                 async with asyncio.timeout(timeout):
-                    await resp.write(chunk)
+                    await request.write(chunk)
             async with asyncio.timeout(timeout):
-                await resp.write_eof()
+                await request.end()
         except TimeoutError:
             # The client stopped reading: drop it rather than hold the backend connection.
             # The backend answered, so there is nothing to refund.
-            if request.transport is not None:
-                request.transport.close()
-            return resp
+            request.abort()
         except BodyCut as exc:
             # The backend died mid-answer: the client got a cut body, so it does not pay.
             metrics.UPSTREAM_ERRORS.labels("stream", "truncated").inc()
             log.warning("upstream body cut short: %r", exc)
             await refund("truncated")
-            if request.transport is not None:
-                request.transport.close()
-            return resp
-        except ConnectionResetError:
+            request.abort()
+        except ClientGone:
             # The client went away: it was served what it read; nothing to refund.
-            return resp
-        return resp
+            pass
 
     async def _refund(
         self,
@@ -387,42 +410,11 @@ class Proxy:
             rm.refunds.inc(units)
 
 
-def _metering_unavailable() -> web.Response:
-    metrics.DENIALS.labels("metering_unavailable").inc()
-    return json_error(
-        503,
-        "metering_unavailable",
-        "usage metering is temporarily unavailable; retry shortly",
-        headers={"Retry-After": "1"},
-    )
-
-
-async def _continue(request: web.BaseRequest) -> None:
-    # Invite the body only now, once the request is authenticated and paid for: a refused
-    # request never has its upload sent (the routes' own expect handler does nothing).
-    expect = request.headers.get("Expect")
-    if expect and expect.lower() == "100-continue" and request.version == (1, 1):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-
-async def _send_and_hang_up(request: web.BaseRequest, resp: web.StreamResponse) -> None:
-    # Closing the protocol, not just asking for Connection: close: aiohttp would otherwise
-    # keep reading ("lingering") the rest of the unread body for up to ten seconds. The
-    # transport sends what is buffered before it closes.
-    resp.force_close()
-    try:
-        await resp.prepare(request)
-        await resp.write_eof()
-    except ConnectionResetError:
-        pass
-    request.protocol.force_close()
-
-
-def _ratelimit_headers(decision: Decision, now: float) -> CIMultiDict[str]:
+def _ratelimit_headers(decision: Decision, now: float) -> dict[str, str]:
     # draft-ietf-httpapi-ratelimit-headers (RateLimit / RateLimit-Policy structured fields).
     remaining = max(0, decision.included - decision.used)
     window = max(0, int(now) + decision.reset_seconds - decision.period_start)
-    out: CIMultiDict[str] = CIMultiDict()
+    out: dict[str, str] = {}
     out["RateLimit-Policy"] = f'"monthly";q={decision.included};w={window};qu="units"'
     out["RateLimit"] = f'"monthly";r={remaining};t={max(0, decision.reset_seconds)}'
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import multiprocessing
@@ -20,17 +21,14 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from gateway.errors import json_error
+from config.model import Limits
+from gateway.front import FrontServer, Handler
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 class ListenError(Exception):
@@ -63,41 +61,6 @@ def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
         raise ListenError(host, port, exc) from None
 
 
-class _JsonErrorHandler(web.RequestHandler):
-    """aiohttp's connection handler, answering its own errors (a malformed request line or
-    header, a header block too large, a handler timeout) as the gateway's JSON errors."""
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        # The parent logs, and refuses if part of a response already went out.
-        super().handle_error(request, status, exc, message)
-        detail = exc.message if isinstance(exc, HttpProcessingError) else None
-        if isinstance(exc, LineTooLong):
-            # The request line or a header field over limits.max_line/header_bytes (llhttp
-            # does not say which): RFC 6585's "Request Header Fields Too Large".
-            status, code = 431, "request_head_too_large"
-        elif status == 400:
-            code = "bad_request"
-        else:
-            code = {500: "internal_error", 504: "gateway_timeout"}.get(status, "http_error")
-        text = str(detail) if detail else HTTPStatus(status).phrase
-        resp = json_error(status, code, text)
-        resp.force_close()
-        return resp
-
-
-class JsonErrorServer(web.Server):
-    """A low-level server whose connections answer parser errors as JSON."""
-
-    def __call__(self) -> web.RequestHandler:
-        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
-
-
 @dataclass
 class Site:
     app: web.Application
@@ -105,8 +68,11 @@ class Site:
     port: int
     reuse_port: bool = False
     runner_args: dict[str, Any] = field(default_factory=dict)
-    # Serve this low-level handler, made from the started app, instead of the app's router.
+    # Serve this handler, made from the started app, on gateway.front's HTTP server
+    # instead of the app's router (the app then only holds resources).
     handler: Callable[[web.Application], Handler] | None = None
+    limits: Limits = field(default_factory=Limits)
+    access_log: bool = False
 
 
 def run(main: Awaitable[None]) -> None:
@@ -130,27 +96,27 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runners: list[web.BaseRunner] = []
+    stops: list[Callable[[], Awaitable[None]]] = []
     try:
         for site in sites:
-            runner: web.BaseRunner = web.AppRunner(
+            runner = web.AppRunner(
                 site.app, handler_cancellation=False, shutdown_timeout=shutdown_timeout,
                 **site.runner_args,
             )  # fmt: skip
             await runner.setup()  # runs the app's startup: its cleanup contexts
-            runners.append(runner)
-            if site.handler is not None:
-                server = JsonErrorServer(site.handler(site.app), **site.runner_args)
-                runner = web.ServerRunner(
-                    server, handler_cancellation=False, shutdown_timeout=shutdown_timeout
-                )
-                await runner.setup()
-                runners.append(runner)
-            tcp = web.TCPSite(
-                runner, site.host, site.port, reuse_port=site.reuse_port, backlog=1024
-            )
+            stops.append(runner.cleanup)
             try:
-                await tcp.start()
+                if site.handler is not None:
+                    front = FrontServer(
+                        site.handler(site.app), site.limits, access_log=site.access_log
+                    )
+                    stops.append(functools.partial(front.shutdown, shutdown_timeout))
+                    await front.listen(site.host, site.port, reuse_port=site.reuse_port)
+                else:
+                    tcp = web.TCPSite(
+                        runner, site.host, site.port, reuse_port=site.reuse_port, backlog=1024
+                    )
+                    await tcp.start()
             except OSError as exc:
                 raise ListenError(site.host, site.port, exc) from None
         _settle_gc()
@@ -158,8 +124,8 @@ async def serve(
             started()
         await stop.wait()
     finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        for stop_site in reversed(stops):
+            await stop_site()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 

@@ -16,13 +16,14 @@ import pytest
 import redis.asyncio as redis
 import uvloop
 from aiohttp import web
-from aiohttp.test_utils import BaseTestServer, RawTestServer, TestServer
+from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from config import Config, Settings, parse_config
 from config.settings import DEV_JWT_SECRET
-from gateway.app import create_app, direct_handler
+from gateway.app import create_app, gateway_handler
 from gateway.embedded_redis import EmbeddedRedis
-from gateway.server import JsonErrorServer
+from gateway.front import FrontServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "test-secret-0123456789-0123456789-abcdef"
@@ -137,12 +138,25 @@ def make_settings(config: Config, redis_url: str, *, secret: str = SECRET) -> Se
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class _GatewayTestServer(RawTestServer):
-    """A loopback server built like `metergate gateway`'s: JsonErrorServer connections."""
+class GatewayServer:
+    """A gateway listening on a loopback port, served as `metergate gateway` serves it:
+    gateway.front's HTTP server in front of the app's ``gateway_handler``."""
 
-    async def _make_runner(self, debug: bool = True, **kwargs: Any) -> web.ServerRunner:
-        srv = JsonErrorServer(self._handler, loop=self._loop, debug=debug, **kwargs)
-        return web.ServerRunner(srv, debug=debug, **kwargs)
+    def __init__(self, front: FrontServer, runner: web.AppRunner, port: int) -> None:
+        self.front = front
+        self.runner = runner
+        self.host = "127.0.0.1"
+        self.port = port
+        self._root = URL(f"http://{self.host}:{port}")
+
+    def make_url(self, path: str) -> URL:
+        url = URL(path)
+        assert not url.absolute
+        return self._root.join(url)
+
+    async def close(self) -> None:
+        await self.front.shutdown(timeout=1.0)
+        await self.runner.cleanup()
 
 
 @pytest.fixture
@@ -186,43 +200,27 @@ def clock() -> Clock:
 async def start_gateway(
     redis_url: str, redis_client: redis.Redis, clock: Clock
 ) -> AsyncIterator[Callable[..., Awaitable[TestServer]]]:
-    """Start a real gateway on a loopback port for the given config.
+    """Start a real gateway on a loopback port for the given config."""
+    servers: list[GatewayServer] = []
 
-    It is served as `metergate gateway` serves it: the app's resources started by its
-    AppRunner, requests through ``direct_handler`` on a low-level server. ``router=True``
-    serves the app through aiohttp's router instead (create_app's routes).
-    """
-    servers: list[BaseTestServer] = []
-    runners: list[web.AppRunner] = []
-
-    async def start(
-        config: Config, *, url: str | None = None, router: bool = False, **settings_kw: Any
-    ) -> BaseTestServer:
+    async def start(config: Config, *, url: str | None = None, **settings_kw: Any) -> GatewayServer:
         settings = make_settings(config, url or redis_url, **settings_kw)
         app = create_app(settings, clock=clock)
-        server: BaseTestServer
-        if router:
-            server = TestServer(app, host="127.0.0.1")
-        else:
-            runner = web.AppRunner(app)
-            await runner.setup()
-            runners.append(runner)
-            limits = config.limits
-            server = _GatewayTestServer(
-                direct_handler(app),
-                host="127.0.0.1",
-                max_line_size=limits.max_line_bytes,
-                max_field_size=limits.max_header_bytes,
-            )
-        await server.start_server()
+        runner = web.AppRunner(app)
+        await runner.setup()
+        front = FrontServer(gateway_handler(app), config.limits)
+        try:
+            listening = await front.listen("127.0.0.1", 0)
+        except BaseException:
+            await runner.cleanup()
+            raise
+        server = GatewayServer(front, runner, listening.sockets[0].getsockname()[1])
         servers.append(server)
         return server
 
     yield start
     for server in servers:
         await server.close()
-    for runner in runners:
-        await runner.cleanup()
 
 
 def pytest_asyncio_loop_factories(

@@ -128,7 +128,8 @@ REFUSED = {
     "raw_tab": (b"/export/pdf\t", 400),
     "asterisk": (b"*", 400),
 }
-PARSER_ANSWERS = {"non_ascii_bytes", "latin1_byte", "raw_nul", "raw_tab", "asterisk"}
+# llhttp refuses these before the gateway sees a request: 400 bad_request, still JSON.
+PARSER_ANSWERS = {"non_ascii_bytes", "latin1_byte", "raw_nul", "raw_tab"}
 
 
 async def _raw_get(port: int, target: bytes, token: str) -> tuple[int, bytes]:
@@ -184,11 +185,10 @@ async def test_trick_is_refused_and_never_forwarded(
     assert status == expected
     assert seen == []
     assert await _used(redis_client, "acct-path") == 0
+    code = json.loads(body)["error"]["code"]
     if case in PARSER_ANSWERS:
-        # aiohttp's parser refused it before the gateway saw it (plain text, not our JSON).
-        assert b"bad_path" not in body
+        assert code == "bad_request"
     else:
-        code = json.loads(body)["error"]["code"]
         assert code == ("bad_path" if expected == 400 else "route_not_found")
 
 

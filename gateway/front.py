@@ -1,0 +1,700 @@
+"""The gateway's HTTP/1.1 server: an asyncio protocol on httptools (llhttp).
+
+aiohttp's server spent about half of the gateway's CPU per request in the benchmark
+(request objects, its payload writer, a task and a timer per request); this one parses
+with the same llhttp, builds one small request object and writes each answer with one
+``write``. It serves one handler, ``Callable[[Request], Awaitable[None]]``, which answers
+through the request: ``respond`` for a whole answer, ``start``/``write``/``end`` to stream.
+
+What it keeps of aiohttp's strictness, and how:
+- llhttp runs without leniencies: Content-Length with Transfer-Encoding, two
+  Content-Lengths, a Transfer-Encoding not ending in chunked, bad chunk sizes, obs-fold,
+  bare CR or LF and whitespace before a colon are all refused with 400 and a close.
+- A request line over ``limits.max_line_bytes`` is 414, a header field over
+  ``limits.max_header_bytes`` or a head over ``max_line_bytes + 32 * max_header_bytes``
+  (or more than 100 fields) is 431; the connection closes after each.
+- An answer sent before the request's body was wholly received says
+  ``Connection: close`` and closes: the unread rest is never parsed as a next request.
+- Requests on one connection are answered in order; pipelined ones wait their turn.
+- A head that does not arrive within ``limits.client_body_timeout_seconds`` is answered
+  408; an idle keep-alive connection closes after ``keepalive_timeout`` seconds.
+- An Upgrade (or CONNECT) request is answered like any other, then the connection closes:
+  the gateway tunnels no other protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+from multidict import CIMultiDict
+
+from config.model import Limits
+from gateway.errors import error_body
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("metergate.access")
+
+Handler = Callable[["Request"], Awaitable[None]]
+Headers = CIMultiDict[str] | dict[str, str]
+
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_MAX_FIELDS = 100
+_HEAD_FIELDS_CAP = 32  # the head as a whole: request line + this many maximal fields
+# A request body buffered beyond this pauses reading from the client until it is consumed.
+_BODY_HIGH = 256 * 1024
+_PIPELINE_MAX = 16
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_JSON = "application/json"
+
+
+class ClientGone(ConnectionResetError):
+    """The client's connection closed before the exchange ended."""
+
+
+class _HeadError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class _Date:
+    """The Date header's value, formatted once a second, not once a response."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._value = ""
+
+    def now(self) -> str:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._value = formatdate(second, usegmt=True)
+        return self._value
+
+
+_date = _Date()
+
+
+class Request:
+    """One request on a connection: its head, its streamed body, and its answer."""
+
+    __slots__ = (
+        "_body",
+        "_broken",
+        "_buffered",
+        "_chunked_out",
+        "_complete",
+        "_conn",
+        "_continued",
+        "_waiter",
+        "body_exists",
+        "close",
+        "content_length",
+        "finished",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "remote",
+        "scheme",
+        "sent",
+        "started",
+        "status",
+        "version",
+    )
+
+    def __init__(
+        self,
+        conn: _Connection,
+        method: str,
+        target: str,
+        version: str,
+        headers: CIMultiDict[str],
+        keep_alive: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.remote = conn.peer
+        self.scheme = "http"
+        self.host = headers.get("Host")
+        length = headers.get("Content-Length")
+        # llhttp has refused a malformed, repeated or Transfer-Encoding-paired length.
+        self.content_length = int(length) if length is not None else None
+        self.body_exists = bool(self.content_length) or "Transfer-Encoding" in headers
+        self._body: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._complete = False
+        self._broken = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._continued = False
+        self._chunked_out = False
+        self.close = False  # the connection closes after this answer
+        self.started = False
+        self.finished = False
+        self.status = 0
+        self.sent = 0
+
+    # -- the request body -----------------------------------------------------------------
+
+    async def readany(self) -> bytes:
+        """The next piece of the body, b"" at its end; ClientGone if the client left."""
+        while not self._body:
+            if self._complete:
+                return b""
+            if self._broken:
+                raise ClientGone("the request body is malformed")
+            if self._conn.lost:
+                raise ClientGone("the client closed the connection mid-body")
+            waiter = self._waiter = self._conn.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        chunk = self._body.popleft()
+        self._buffered -= len(chunk)
+        self._conn.body_consumed()
+        return chunk
+
+    async def read(self) -> bytes:
+        parts = []
+        while chunk := await self.readany():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def send_continue(self) -> None:
+        """Invite the body of an ``Expect: 100-continue`` request (once, HTTP/1.1 only)."""
+        if self._continued or self._complete or self.version != "1.1":
+            return
+        expect = self.headers.get("Expect")
+        if expect is not None and expect.lower() == "100-continue":
+            self._continued = True
+            self._conn.send(_CONTINUE)
+
+    def _feed(self, chunk: bytes) -> None:
+        self._body.append(chunk)
+        self._buffered += len(chunk)
+        self._wake()
+
+    def _end_body(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _break(self) -> None:
+        self._broken = True
+        self.close = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the answer -----------------------------------------------------------------------
+
+    def respond(
+        self, status: int, headers: Headers, body: bytes = b"", *, reason: str | None = None
+    ) -> None:
+        """Send a whole answer in one write."""
+        head = self._head(status, reason, headers, len(body))
+        self.finished = True
+        if self.method == "HEAD" or status in (204, 304):
+            self._conn.send(head)
+        else:
+            self.sent = len(body)
+            self._conn.send(head + body)
+
+    def error(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        details: dict[str, object] | None = None,
+    ) -> None:
+        """Answer with the gateway's JSON error body (see gateway.errors)."""
+        out = {"Content-Type": _JSON}
+        if headers:
+            out.update(headers)
+        self.respond(status, out, error_body(code, message, details))
+
+    async def start(
+        self,
+        status: int,
+        headers: Headers,
+        *,
+        length: int | None = None,
+        reason: str | None = None,
+    ) -> None:
+        """Send the head of a streamed answer; without ``length`` its body is chunked."""
+        head = self._head(status, reason, headers, length)
+        if self.method == "HEAD" or status in (204, 304):
+            self.finished = True
+        await self._conn.write(head)
+
+    async def write(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        self.sent += len(chunk)
+        if self._chunked_out:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        await self._conn.write(chunk)
+
+    async def end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self._chunked_out:
+            await self._conn.write(b"0\r\n\r\n")
+
+    def hang_up(self) -> None:
+        """Close the connection once this answer is out; call before answering."""
+        self.close = True
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent data included (a client that stopped reading)."""
+        self.close = True
+        self._conn.abort()
+
+    def _head(self, status: int, reason: str | None, headers: Headers, length: int | None) -> bytes:
+        if self.started:
+            raise RuntimeError("the answer has already started")
+        self.started = True
+        self.status = status
+        conn = self._conn
+        # An answer before the whole body arrived: the rest of it must not be read as the
+        # next request, so the connection ends with this answer.
+        if not self._complete or conn.closing or not self.keep_alive:
+            self.close = True
+        lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if status == 204 or status == 304 or status < 200:
+            pass
+        elif length is not None:
+            lines.append(f"Content-Length: {length}")
+        elif self.method != "HEAD":
+            if self.version == "1.1":
+                lines.append("Transfer-Encoding: chunked")
+                self._chunked_out = True
+            else:
+                self.close = True  # an HTTP/1.0 body without a length ends at the close
+        if "Date" not in headers:
+            lines.append(f"Date: {_date.now()}")
+        if self.close:
+            lines.append("Connection: close")
+        elif self.version == "1.0":
+            lines.append("Connection: keep-alive")
+        text = "\r\n".join(lines)
+        # Header values come from the backend and from errors quoting the request: a line
+        # break in one would split the answer, so they are counted, not trusted.
+        if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+            raise ValueError("a response header contains a line break")
+        return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = (
+        "_active",
+        "_drain",
+        "_head_size",
+        "_headers",
+        "_parser",
+        "_pending_error",
+        "_queue",
+        "_read_paused",
+        "_server",
+        "_target",
+        "_target_size",
+        "_transport",
+        "_write_paused",
+        "closing",
+        "head_started",
+        "idle_since",
+        "loop",
+        "lost",
+        "parsing",
+        "peer",
+    )
+
+    def __init__(self, server: FrontServer) -> None:
+        self._server = server
+        self.loop = server.loop
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._target: list[bytes] = []
+        self._target_size = 0
+        self._head_size = 0
+        self.parsing: Request | None = None  # the request whose body is being received
+        self._active: Request | None = None  # the request being answered
+        self._queue: collections.deque[Request] = collections.deque()
+        self._pending_error: _HeadError | None = None
+        self._read_paused = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self.peer: str | None = None
+        self.lost = False
+        self.closing = False
+        self.head_started: float | None = None
+        self.idle_since: float | None = None
+
+    # -- transport events -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, hence a cast, not a check.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else None
+        self.idle_since = self.loop.time()
+        self._server.connections.add(self)
+        if self._server.closing:
+            self.shutdown()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._server.connections.discard(self)
+        for request in (self._active, self.parsing):
+            if request is not None:
+                request._wake()
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_exception(ClientGone("the client closed the connection"))
+
+    def data_received(self, data: bytes) -> None:
+        if self._pending_error is not None:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The upgrading request was delivered whole; what follows is another protocol.
+            self._stop_reading()
+            if self.parsing is not None:
+                self.parsing.close = True
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadError):
+                self._fail(cause)
+            else:  # pragma: no cover - the callbacks raise nothing else
+                log.exception("HTTP parser callback failed")
+                self._fail(_HeadError(400, "bad_request", "malformed request"))
+        except httptools.HttpParserError as exc:
+            self._fail(_HeadError(400, "bad_request", _parser_message(exc)))
+        else:
+            if self.head_started is not None:
+                self._check_head_size(len(data))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    # -- the parser's callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.head_started = self.loop.time()
+        self.idle_since = None
+        self._head_size = 0
+        self._target_size = 0
+
+    def on_url(self, piece: bytes) -> None:
+        self._target.append(piece)
+        self._target_size += len(piece)
+        if self._target_size > self._server.max_line:
+            raise _HeadError(414, "uri_too_long", "the request target is too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > self._server.max_field:
+            raise _HeadError(431, "request_head_too_large", "a header field is too large")
+        headers = self._headers
+        headers.append((name, value))
+        if len(headers) > _MAX_FIELDS:
+            raise _HeadError(431, "request_head_too_large", "too many header fields")
+
+    def on_headers_complete(self) -> None:
+        self.head_started = None
+        parser = self._parser
+        raw, self._headers = self._headers, []
+        target = b"".join(self._target)
+        self._target.clear()
+        headers: CIMultiDict[str] = CIMultiDict(
+            [(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+             for n, v in raw]
+        )  # fmt: skip
+        request = Request(
+            self,
+            parser.get_method().decode("ascii"),
+            target.decode("utf-8", "surrogateescape"),
+            parser.get_http_version(),
+            headers,
+            parser.should_keep_alive(),
+        )
+        self.parsing = request
+        if self._active is None:
+            self._dispatch(request)
+        else:
+            self._queue.append(request)
+            if len(self._queue) >= _PIPELINE_MAX:
+                self._stop_reading()
+
+    def on_body(self, chunk: bytes) -> None:
+        request = self.parsing
+        if request is not None:
+            request._feed(chunk)
+            if request._buffered > _BODY_HIGH:
+                self._stop_reading()
+
+    def on_message_complete(self) -> None:
+        request, self.parsing = self.parsing, None
+        if request is not None:
+            request._end_body()
+
+    # -- answering ------------------------------------------------------------------------
+
+    def _dispatch(self, request: Request) -> None:
+        self._active = request
+        self.loop.create_task(self._run(request))
+
+    async def _run(self, request: Request) -> None:
+        server = self._server
+        started = time.perf_counter() if server.access_log else 0.0
+        try:
+            await server.handler(request)
+            if not request.started:
+                raise RuntimeError("the handler returned without answering")
+        except Exception:
+            log.exception("request %s %s failed", request.method, request.raw_path)
+            if not request.started and not self.lost:
+                request.error(500, "internal_error", "internal error")
+            else:
+                request.close = True
+        if not request.finished:
+            request.close = True  # a streamed answer that did not end cannot be framed
+        if server.access_log:
+            _log_access(request, time.perf_counter() - started)
+        self._answered(request)
+
+    def _answered(self, request: Request) -> None:
+        self._active = None
+        if request.close or self.lost:
+            self.close()
+            return
+        if self._queue:
+            self._dispatch(self._queue.popleft())
+            self._maybe_resume()
+        elif self._pending_error is not None:
+            self._send_error(self._pending_error)
+        else:
+            self.idle_since = self.loop.time()
+            self._maybe_resume()
+
+    def body_consumed(self) -> None:
+        if self._read_paused:
+            self._maybe_resume()
+
+    def send(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is not None and not self.lost and not transport.is_closing():
+            transport.write(data)
+
+    async def write(self, data: bytes) -> None:
+        transport = self._transport
+        if self.lost or transport is None or transport.is_closing():
+            raise ClientGone("the client closed the connection")
+        transport.write(data)
+        if self._write_paused:
+            drain = self._drain
+            if drain is None:
+                drain = self._drain = self.loop.create_future()
+            await drain
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- errors, flow control, shutdown ---------------------------------------------------
+
+    def _fail(self, error: _HeadError) -> None:
+        self._stop_reading()
+        if self.parsing is not None and self.parsing is not self._active:
+            # A request whose body broke: drop it, it was never answered.
+            with contextlib.suppress(ValueError):
+                self._queue.remove(self.parsing)
+        if self._active is not None:
+            if self.parsing is self._active:
+                # Its body broke off in error: its handler sees ClientGone, and the
+                # connection closes after its answer.
+                self._active._break()
+            self.parsing = None
+            self._pending_error = error
+            return
+        self.parsing = None
+        self._send_error(error)
+
+    def _send_error(self, error: _HeadError) -> None:
+        self._pending_error = None
+        if self.lost:
+            return
+        body = error_body(error.code, str(error))
+        lines = (
+            f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}\r\n"
+            f"Content-Type: {_JSON}\r\nContent-Length: {len(body)}\r\n"
+            f"Date: {_date.now()}\r\nConnection: close\r\n\r\n"
+        )
+        self.send(lines.encode("ascii") + body)
+        self.close()
+
+    def _check_head_size(self, received: int) -> None:
+        # httptools buffers a header field until it ends: bound what one head may hold.
+        self._head_size += received
+        if self._head_size > self._server.max_head:
+            self._fail(_HeadError(431, "request_head_too_large", "the request head is too large"))
+
+    def _stop_reading(self) -> None:
+        if not self._read_paused and self._transport is not None and not self.lost:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _maybe_resume(self) -> None:
+        if not self._read_paused or self.lost or self._pending_error is not None:
+            return
+        parsing = self.parsing
+        if len(self._queue) >= _PIPELINE_MAX or (
+            parsing is not None and parsing._buffered > _BODY_HIGH
+        ):
+            return
+        if parsing is not None and parsing.close and parsing is self._active:
+            return
+        self._read_paused = False
+        assert self._transport is not None
+        self._transport.resume_reading()
+
+    def shutdown(self) -> None:
+        """Close when idle; a request in flight is answered first, with Connection: close."""
+        self.closing = True
+        if self._active is None and self.head_started is None:
+            self.close()
+
+    def expire(self, now: float) -> None:
+        """Close an idle keep-alive connection, or answer 408 to a head that stalled."""
+        server = self._server
+        if self.head_started is not None:
+            if now - self.head_started > server.head_timeout and self._active is None:
+                self._fail(_HeadError(408, "request_timeout", "the request head did not arrive"))
+        elif self.idle_since is not None and now - self.idle_since > server.keepalive_timeout:
+            self.close()
+
+
+def _parser_message(exc: Exception) -> str:
+    return str(exc.args[0]) if exc.args else "malformed request"
+
+
+def _log_access(request: Request, elapsed: float) -> None:
+    access_log.info(
+        '%s "%s %s HTTP/%s" %d %d %.6f',
+        request.remote or "-",
+        request.method,
+        request.raw_path,
+        request.version,
+        request.status,
+        request.sent,
+        elapsed,
+    )
+
+
+class FrontServer:
+    """The listening side: a protocol factory, its connections, their timers and shutdown."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: Limits,
+        *,
+        keepalive_timeout: float = 75.0,
+        access_log: bool = False,
+    ) -> None:
+        self.handler = handler
+        self.loop = asyncio.get_running_loop()
+        self.max_line = limits.max_line_bytes
+        self.max_field = limits.max_header_bytes
+        self.max_head = limits.max_line_bytes + _HEAD_FIELDS_CAP * limits.max_header_bytes
+        self.head_timeout = limits.client_body_timeout_seconds
+        self.keepalive_timeout = keepalive_timeout
+        self.access_log = access_log
+        self.connections: set[_Connection] = set()
+        self.closing = False
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def __call__(self) -> _Connection:
+        return _Connection(self)
+
+    async def listen(
+        self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024
+    ) -> asyncio.Server:
+        server = await self.loop.create_server(
+            self, host, port, reuse_port=reuse_port or None, backlog=backlog
+        )
+        self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = self.loop.create_task(self._sweep())
+        return server
+
+    @property
+    def sockets(self) -> Iterable[object]:
+        for server in self._servers:
+            yield from server.sockets
+
+    async def _sweep(self) -> None:
+        # One timer for all connections, not one per request: the deadlines are coarse.
+        period = max(0.05, min(1.0, self.head_timeout / 4, self.keepalive_timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = self.loop.time()
+            for conn in list(self.connections):
+                conn.expire(now)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop listening, let requests in flight finish for up to ``timeout`` seconds."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
