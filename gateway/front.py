@@ -30,7 +30,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from email.utils import formatdate
 from http import HTTPStatus
 from typing import cast
 
@@ -39,12 +38,14 @@ from multidict import CIMultiDict
 
 from config.model import Limits
 from gateway.errors import error_body
+from gateway.headers import http_date
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("metergate.access")
 
 Handler = Callable[["Request"], Awaitable[None]]
-Headers = CIMultiDict[str] | dict[str, str]
+# An encoded header block (``Name: value\\r\\n`` lines, from gateway.headers), or a mapping.
+Headers = bytes | CIMultiDict[str] | dict[str, str]
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _MAX_FIELDS = 100
@@ -53,6 +54,7 @@ _HEAD_FIELDS_CAP = 32  # the head as a whole: request line + this many maximal f
 _BODY_HIGH = 256 * 1024
 _PIPELINE_MAX = 16
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_HEAD_TOO_LARGE = "the request head is too large"
 _JSON = "application/json"
 
 
@@ -65,26 +67,6 @@ class _HeadError(Exception):
         super().__init__(message)
         self.status = status
         self.code = code
-
-
-class _Date:
-    """The Date header's value, formatted once a second, not once a response."""
-
-    __slots__ = ("_second", "_value")
-
-    def __init__(self) -> None:
-        self._second = 0
-        self._value = ""
-
-    def now(self) -> str:
-        second = int(time.time())
-        if second != self._second:
-            self._second = second
-            self._value = formatdate(second, usegmt=True)
-        return self._value
-
-
-_date = _Date()
 
 
 class Request:
@@ -107,6 +89,7 @@ class Request:
         "host",
         "keep_alive",
         "method",
+        "raw_headers",
         "raw_path",
         "remote",
         "scheme",
@@ -123,6 +106,7 @@ class Request:
         target: str,
         version: str,
         headers: CIMultiDict[str],
+        raw_headers: list[tuple[bytes, bytes]],
         keep_alive: bool,
     ) -> None:
         self._conn = conn
@@ -130,6 +114,7 @@ class Request:
         self.raw_path = target
         self.version = version
         self.headers = headers
+        self.raw_headers = raw_headers  # as parsed: what is forwarded, without re-encoding
         self.keep_alive = keep_alive
         self.remote = conn.peer
         self.scheme = "http"
@@ -250,8 +235,8 @@ class Request:
         await self._conn.write(head)
 
     async def write(self, chunk: bytes) -> None:
-        if not chunk:
-            return
+        if not chunk or self.finished:
+            return  # a HEAD, 204 or 304 answer has no body, whatever the handler sends
         self.sent += len(chunk)
         if self._chunked_out:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
@@ -283,38 +268,53 @@ class Request:
         # next request, so the connection ends with this answer.
         if not self._complete or conn.closing or not self.keep_alive:
             self.close = True
-        lines = [f"HTTP/1.1 {status} {reason or _REASONS.get(status, 'Unknown')}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
+        # A bytes block comes from gateway.headers: checked values, and a Date.
+        block = headers if isinstance(headers, bytes) else _encode_headers(headers)
         if status == 204 or status == 304 or status < 200:
-            pass
+            framing = b""
         elif length is not None:
-            lines.append(f"Content-Length: {length}")
-        elif self.method != "HEAD":
-            if self.version == "1.1":
-                lines.append("Transfer-Encoding: chunked")
-                self._chunked_out = True
-            else:
-                self.close = True  # an HTTP/1.0 body without a length ends at the close
-        if "Date" not in headers:
-            lines.append(f"Date: {_date.now()}")
+            framing = b"Content-Length: %d\r\n" % length
+        elif self.method == "HEAD":
+            framing = b""
+        elif self.version == "1.1":
+            framing = b"Transfer-Encoding: chunked\r\n"
+            self._chunked_out = True
+        else:
+            framing = b""
+            self.close = True  # an HTTP/1.0 body without a length ends at the close
         if self.close:
-            lines.append("Connection: close")
+            framing += b"Connection: close\r\n"
         elif self.version == "1.0":
-            lines.append("Connection: keep-alive")
-        text = "\r\n".join(lines)
-        # Header values come from the backend and from errors quoting the request: a line
-        # break in one would split the answer, so they are counted, not trusted.
-        if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
-            raise ValueError("a response header contains a line break")
-        return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
+            framing += b"Connection: keep-alive\r\n"
+        phrase = reason or _REASONS.get(status, "Unknown")
+        return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
+            status,
+            phrase.encode("utf-8", "surrogateescape"),
+            block,
+            framing,
+        )
+
+
+def _encode_headers(headers: CIMultiDict[str] | dict[str, str]) -> bytes:
+    lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+    if "Date" not in headers:
+        lines.append(f"Date: {http_date()}\r\n")
+    text = "".join(lines)
+    # The gateway's own answers quote the request in places: a line break in a value
+    # would split the answer, so line ends are counted, not trusted.
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        raise ValueError("a response header contains a line break")
+    return text.encode("utf-8", "surrogateescape")
 
 
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_active",
         "_drain",
+        "_head_bytes",
         "_head_size",
         "_headers",
+        "_last",
         "_parser",
         "_pending_error",
         "_queue",
@@ -341,7 +341,9 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._target: list[bytes] = []
         self._target_size = 0
-        self._head_size = 0
+        self._head_size = 0  # the current head's line and fields, as parsed
+        self._head_bytes = 0  # bytes of reads that fell wholly inside the current head
+        self._last: Request | None = None  # the request whose head was parsed last
         self.parsing: Request | None = None  # the request whose body is being received
         self._active: Request | None = None  # the request being answered
         self._queue: collections.deque[Request] = collections.deque()
@@ -380,13 +382,15 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._pending_error is not None:
             return
+        in_head = self.head_started is not None
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # The upgrading request was delivered whole; what follows is another protocol.
+            # The upgrading request was delivered whole; what follows is another protocol,
+            # so it is answered as a plain request and the connection ends there.
             self._stop_reading()
-            if self.parsing is not None:
-                self.parsing.close = True
+            if self._last is not None:
+                self._last.close = True
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _HeadError):
@@ -397,8 +401,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(_HeadError(400, "bad_request", _parser_message(exc)))
         else:
-            if self.head_started is not None:
-                self._check_head_size(len(data))
+            if in_head and self.head_started is not None:
+                # A whole read inside one head: httptools buffers a field until it ends,
+                # so a field that never ends is bounded here, not in on_header.
+                self._head_bytes += len(data)
+                if self._head_bytes > self._server.max_head:
+                    self._fail(_HeadError(431, "request_head_too_large", _HEAD_TOO_LARGE))
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -415,11 +423,13 @@ class _Connection(asyncio.Protocol):
         self.head_started = self.loop.time()
         self.idle_since = None
         self._head_size = 0
+        self._head_bytes = 0
         self._target_size = 0
 
     def on_url(self, piece: bytes) -> None:
         self._target.append(piece)
         self._target_size += len(piece)
+        self._head_size += len(piece)
         if self._target_size > self._server.max_line:
             raise _HeadError(414, "uri_too_long", "the request target is too long")
 
@@ -430,6 +440,9 @@ class _Connection(asyncio.Protocol):
         headers.append((name, value))
         if len(headers) > _MAX_FIELDS:
             raise _HeadError(431, "request_head_too_large", "too many header fields")
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self._server.max_head:
+            raise _HeadError(431, "request_head_too_large", _HEAD_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
         self.head_started = None
@@ -447,9 +460,11 @@ class _Connection(asyncio.Protocol):
             target.decode("utf-8", "surrogateescape"),
             parser.get_http_version(),
             headers,
+            raw,
             parser.should_keep_alive(),
         )
         self.parsing = request
+        self._last = request
         if self._active is None:
             self._dispatch(request)
         else:
@@ -563,16 +578,10 @@ class _Connection(asyncio.Protocol):
         lines = (
             f"HTTP/1.1 {error.status} {_REASONS.get(error.status, 'Error')}\r\n"
             f"Content-Type: {_JSON}\r\nContent-Length: {len(body)}\r\n"
-            f"Date: {_date.now()}\r\nConnection: close\r\n\r\n"
+            f"Date: {http_date()}\r\nConnection: close\r\n\r\n"
         )
         self.send(lines.encode("ascii") + body)
         self.close()
-
-    def _check_head_size(self, received: int) -> None:
-        # httptools buffers a header field until it ends: bound what one head may hold.
-        self._head_size += received
-        if self._head_size > self._server.max_head:
-            self._fail(_HeadError(431, "request_head_too_large", "the request head is too large"))
 
     def _stop_reading(self) -> None:
         if not self._read_paused and self._transport is not None and not self.lost:

@@ -1,8 +1,19 @@
-"""Header rewriting between client, gateway and backend (RFC 9110 section 7.6)."""
+"""Header rewriting between client, gateway and backend (RFC 9110 section 7.6).
+
+Headers stay the bytes llhttp parsed, from the client's request to the backend's head
+and from the backend's answer to the client's: each side is one filtered header block,
+with no decoding to text and no multidict per request (that cost ~5 µs a request). Only
+values the gateway adds from elsewhere (token claims) are checked for line breaks: llhttp
+has already refused CR, LF and obs-fold in what it parsed.
+"""
 
 from __future__ import annotations
 
-from multidict import CIMultiDict, CIMultiDictProxy
+import time
+from collections.abc import Iterable, Sequence
+from email.utils import formatdate
+
+from gateway.errors import GatewayError
 
 # RFC 9110 7.6.1 plus the de facto ones every proxy strips (RFC 2616's list, Proxy-Connection).
 HOP_BY_HOP = frozenset(
@@ -52,54 +63,128 @@ _REQUEST_DROP = HOP_BY_HOP | {
 _UNDERSCORE_DROP = _REQUEST_DROP | {"x-forwarded-for", "via", "authorization"}
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+_HOP_BY_HOP = frozenset(h.encode() for h in HOP_BY_HOP)
+_IDENTITY = IDENTITY_PREFIX.encode()
+# Content-Length leaves too: the upstream pool frames the body it sends itself.
+_REQUEST_DROP_B = frozenset(h.encode() for h in _REQUEST_DROP) | {b"content-length"}
+_UNDERSCORE_DROP_B = frozenset(h.encode() for h in _UNDERSCORE_DROP)
+_RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
+_VIA = VIA.encode()
+
+RawHeaders = Sequence[tuple[bytes, bytes]]
 
 
-def upstream_request_headers(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+class UnsafeHeader(GatewayError):
+    """A value the gateway was to send holds a line break: it would forge header lines."""
+
+
+def encode_value(value: str) -> bytes:
+    if "\r" in value or "\n" in value:
+        raise UnsafeHeader("a header value contains a line break")
+    return value.encode("utf-8", "surrogateescape")
+
+
+def upstream_request_head(
+    headers: RawHeaders,
     *,
     keep_authorization: bool,
     client_ip: str | None,
     scheme: str,
     host: str | None,
-) -> CIMultiDict[str]:
-    drop = _REQUEST_DROP | _connection_tokens(headers)
+    added: Iterable[tuple[bytes, str]] = (),
+) -> bytes:
+    """The header block sent to the backend: the client's headers, less hop-by-hop, spoofed
+    identity and override headers, plus the forwarding headers and ``added`` ones."""
+    drop = _REQUEST_DROP_B
+    tokens = _connection_tokens(headers)
+    if tokens:
+        drop = drop | tokens
     if not keep_authorization:
-        drop = drop | {"authorization"}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+        drop = drop | {b"authorization"}
+    out = []
+    forwarded_for: list[bytes] = []
+    via: list[bytes] = []
+    for name, value in headers:
         lower = name.lower()
-        if lower in drop or lower.startswith(IDENTITY_PREFIX):
+        if lower in drop or lower.startswith(_IDENTITY):
             continue
-        if "_" in lower:
-            dashed = lower.replace("_", "-")
-            if dashed in _UNDERSCORE_DROP or dashed.startswith(IDENTITY_PREFIX):
+        if lower == b"x-forwarded-for":
+            forwarded_for.append(value)
+            continue
+        if lower == b"via":
+            via.append(value)
+            continue
+        if b"_" in lower:
+            dashed = lower.replace(b"_", b"-")
+            if dashed in _UNDERSCORE_DROP_B or dashed.startswith(_IDENTITY):
                 continue
-        out.add(name, value)
+        out.append(b"%s: %s\r\n" % (name, value))
     if client_ip:
-        out["X-Forwarded-For"] = _append(headers, "X-Forwarded-For", client_ip)
-    out["X-Forwarded-Proto"] = scheme
+        out.append(b"X-Forwarded-For: %s\r\n" % _append(forwarded_for, client_ip.encode()))
+    out.append(b"X-Forwarded-Proto: %s\r\n" % scheme.encode())
     if host:
-        out["X-Forwarded-Host"] = host
-    out["Via"] = _append(headers, "Via", VIA)
-    return out
+        out.append(b"X-Forwarded-Host: %s\r\n" % encode_value(host))
+    out.append(b"Via: %s\r\n" % _append(via, _VIA))
+    for name, text in added:
+        out.append(b"%s: %s\r\n" % (name, encode_value(text)))
+    return b"".join(out)
 
 
-def client_response_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | _connection_tokens(headers) | {"content-length"}
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-    out["Via"] = _append(headers, "Via", VIA)
-    return out
+def client_response_head(headers: RawHeaders, added: bytes = b"") -> bytes:
+    """The header block sent to the client: the backend's headers less hop-by-hop ones and
+    Content-Length (the gateway frames the body), with Via, a Date, and ``added`` lines."""
+    drop = _RESPONSE_DROP
+    tokens = _connection_tokens(headers)
+    if tokens:
+        drop = drop | tokens
+    out = []
+    via: list[bytes] = []
+    dated = False
+    for name, value in headers:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == b"via":
+            via.append(value)
+            continue
+        if lower == b"date":
+            dated = True
+        out.append(b"%s: %s\r\n" % (name, value))
+    out.append(b"Via: %s\r\n" % _append(via, _VIA))
+    if not dated:
+        out.append(b"Date: %s\r\n" % http_date().encode())
+    out.append(added)
+    return b"".join(out)
 
 
-def _append(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str, value: str) -> str:
+def _connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return frozenset(tokens)
+
+
+def _append(prior: list[bytes], value: bytes) -> bytes:
     # Repeated field lines are one comma-separated list (RFC 9110 5.3): keep every hop.
-    prior = [v for v in headers.getall(name, ()) if v.strip()]
-    return ", ".join([*prior, value])
+    return b", ".join([*(v for v in prior if v.strip()), value])
+
+
+class _Date:
+    """The Date header's value, formatted once a second, not once a response."""
+
+    __slots__ = ("_second", "_value")
+
+    def __init__(self) -> None:
+        self._second = 0
+        self._value = ""
+
+    def now(self) -> str:
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._value = formatdate(second, usegmt=True)
+        return self._value
+
+
+http_date = _Date().now

@@ -21,6 +21,7 @@ from gateway.auth import Claims, TokenVerifier
 from gateway.errors import AuthError, BadPath, QuotaStoreUnavailable, bearer_challenge
 from gateway.failopen import FailOpenLedger
 from gateway.front import ClientGone, Request
+from gateway.headers import UnsafeHeader
 from gateway.quota import Decision, QuotaStore, Reason
 from gateway.routing import MethodNotAllowed, PricedRoute, RouteTable, canonicalize
 from gateway.upstream import (
@@ -37,6 +38,10 @@ log = logging.getLogger(__name__)
 # and the answer goes to the client in one write.
 _SMALL = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
+_ACCOUNT = hdr.ACCOUNT.encode()
+_ROLE = hdr.ROLE.encode()
+_TIER = hdr.TIER.encode()
+_UNITS = hdr.UNITS.encode()
 _DENIAL = {
     Reason.QUOTA_EXHAUSTED: (429, "quota_exceeded"),
     Reason.OVERAGE_CAP: (429, "overage_cap_reached"),
@@ -235,20 +240,14 @@ class Proxy:
         target = (
             self._upstream_prefixes[route.upstream_name] + path + ("?" + query if query else "")
         )
-        out_headers = hdr.upstream_request_headers(
-            request.headers,
-            keep_authorization=upstream.forward_authorization,
-            client_ip=request.remote,
-            scheme=request.scheme,
-            host=request.host,
-        )
+        added: list[tuple[bytes, str]] = []
         if claims is not None:
-            out_headers[hdr.ACCOUNT] = claims.sub
+            added.append((_ACCOUNT, claims.sub))
             if claims.is_admin:
-                out_headers[hdr.ROLE] = "admin"
+                added.append((_ROLE, "admin"))
         if decision is not None:
-            out_headers[hdr.TIER] = decision.tier
-            out_headers[hdr.UNITS] = str(route.cost)
+            added.append((_TIER, decision.tier))
+            added.append((_UNITS, str(route.cost)))
         refunded = False
 
         async def refund(kind: str) -> None:
@@ -264,7 +263,16 @@ class Proxy:
                 self._failopen.unrecord(claims.sub, route.name, route.cost, receipt)
 
         data: bytes | AsyncIterator[bytes] | None = None
+        streamed_length: int | None = None
         try:
+            out_head = hdr.upstream_request_head(
+                request.raw_headers,
+                keep_authorization=upstream.forward_authorization,
+                client_ip=request.remote,
+                scheme=request.scheme,
+                host=request.host,
+                added=added,
+            )
             if request.body_exists:
                 # Invite the body only now, once the request is authenticated and paid
                 # for: a refused request never has its upload sent.
@@ -278,10 +286,11 @@ class Proxy:
                         raise _ClientStalled from None
                 else:
                     data = self._body(request)
+                    streamed_length = length
             upstream_resp = await self._pools[route.upstream_name].request(
-                request.method, target, out_headers, data
+                request.method, target, out_head, data, length=streamed_length
             )
-        except (UpstreamError, _BodyTooLarge, _ClientStalled, ClientGone) as exc:
+        except (UpstreamError, UnsafeHeader, _BodyTooLarge, _ClientStalled, ClientGone) as exc:
             if isinstance(exc, (_ClientStalled, ClientGone)):
                 # A stalled upload (the pool discarded the backend connection it held, never
                 # to be reused mid-request), or one that broke off: the client is not
@@ -345,9 +354,11 @@ class Proxy:
         refund: Callable[[str], Awaitable[None]],
     ) -> None:
         status = upstream_resp.status
-        headers = hdr.client_response_headers(upstream_resp.headers)
+        added = b""
         if decision is not None:
-            headers.update(_ratelimit_headers(decision, self._clock()))
+            policy, state = _ratelimit_values(decision, self._clock())
+            added = b"RateLimit-Policy: %s\r\nRateLimit: %s\r\n" % (policy.encode(), state.encode())
+        headers = hdr.client_response_head(upstream_resp.raw_headers, added)
         no_body = request.method == "HEAD" or status in _NO_BODY_STATUSES
         length = upstream_resp.content_length
         if not no_body and length is not None and length <= _SMALL:
@@ -410,14 +421,19 @@ class Proxy:
             rm.refunds.inc(units)
 
 
-def _ratelimit_headers(decision: Decision, now: float) -> dict[str, str]:
+def _ratelimit_values(decision: Decision, now: float) -> tuple[str, str]:
     # draft-ietf-httpapi-ratelimit-headers (RateLimit / RateLimit-Policy structured fields).
     remaining = max(0, decision.included - decision.used)
     window = max(0, int(now) + decision.reset_seconds - decision.period_start)
-    out: dict[str, str] = {}
-    out["RateLimit-Policy"] = f'"monthly";q={decision.included};w={window};qu="units"'
-    out["RateLimit"] = f'"monthly";r={remaining};t={max(0, decision.reset_seconds)}'
-    return out
+    return (
+        f'"monthly";q={decision.included};w={window};qu="units"',
+        f'"monthly";r={remaining};t={max(0, decision.reset_seconds)}',
+    )
+
+
+def _ratelimit_headers(decision: Decision, now: float) -> dict[str, str]:
+    policy, state = _ratelimit_values(decision, now)
+    return {"RateLimit-Policy": policy, "RateLimit": state}
 
 
 def _upgrade_hints(config: Config) -> dict[str, str]:

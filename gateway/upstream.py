@@ -49,19 +49,23 @@ class BodyCut(UpstreamError):
 
 
 class UpstreamResponse:
-    __slots__ = ("_conn", "_pool", "content_length", "headers", "reason", "status")
+    __slots__ = ("_conn", "_pool", "content_length", "raw_headers", "reason", "status")
 
     def __init__(self, pool: UpstreamPool, conn: UpstreamConnection) -> None:
         self._pool = pool
         self._conn: UpstreamConnection | None = conn
         self.status = conn.status
         self.reason = conn.reason
-        self.headers: CIMultiDict[str] = CIMultiDict(
+        self.raw_headers = conn.raw_headers
+        self.content_length = conn.content_length
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """The headers as text (the proxy passes ``raw_headers`` on as they came)."""
+        return CIMultiDict(
             (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-            for n, v in conn.raw_headers
+            for n, v in self.raw_headers
         )
-        length = self.headers.get("Content-Length")
-        self.content_length = int(length) if length is not None else None
 
     async def read(self) -> bytes:
         """The next piece of the body, b"" at its end; BodyCut if it broke off or stalled."""
@@ -112,6 +116,7 @@ class UpstreamPool:
         self._ssl = True if secure else None
         host = f"[{self._host}]" if ":" in self._host else self._host
         self.host_header = host if self._port == default_port else f"{host}:{self._port}"
+        self._host_header = self.host_header.encode("utf-8", "surrogateescape")
         self._max = max_connections
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -124,25 +129,40 @@ class UpstreamPool:
         self._closed = False
 
     async def request(
-        self, method: str, target: str, headers: CIMultiDict[str], body: Body = None
+        self,
+        method: str,
+        target: str,
+        headers: bytes = b"",
+        body: Body = None,
+        *,
+        length: int | None = None,
     ) -> UpstreamResponse:
-        """Send one request; the caller must ``release()`` the response it gets."""
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host_header}"]
+        """Send one request; the caller must ``release()`` the response it gets.
+
+        ``headers`` is the encoded header block (``Name: value\\r\\n`` lines) without
+        Host and body framing, which this adds: Content-Length for a bytes body, for a
+        streamed one with ``length``, and 0 for a bodiless POST, PUT or PATCH (RFC 9110
+        8.6); otherwise a streamed body goes chunked. ``target`` is the canonical path.
+        """
         if isinstance(body, bytes):
-            headers["Content-Length"] = str(len(body))
+            framing = b"Content-Length: %d\r\n" % len(body)
         elif body is not None:
-            if "Content-Length" not in headers:
-                headers["Transfer-Encoding"] = "chunked"
-        elif method in _EXPECT_BODY and "Content-Length" not in headers:
-            headers["Content-Length"] = "0"
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        text = "\r\n".join(lines) + "\r\n\r\n"
-        # Header values come from the client and from token claims: a CR or LF in one would
-        # inject headers or a second request, so the line breaks are counted, not trusted.
-        if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1:
-            raise UpstreamUnavailable("a header value contains a line break")
-        head = text.encode("utf-8", "surrogateescape")
-        chunked = "Transfer-Encoding" in headers
+            if length is not None:
+                framing = b"Content-Length: %d\r\n" % length
+            else:
+                framing = b"Transfer-Encoding: chunked\r\n"
+        elif method in _EXPECT_BODY:
+            framing = b"Content-Length: 0\r\n"
+        else:
+            framing = b""
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
+            method.encode(),
+            target.encode("utf-8", "surrogateescape"),
+            self._host_header,
+            headers,
+            framing,
+        )
+        chunked = body is not None and not isinstance(body, bytes) and length is None
         head_only = method == "HEAD"
 
         conn, reused = await self._acquire(fresh=False)

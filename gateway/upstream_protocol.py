@@ -50,6 +50,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.content_length: int | None = None
         self.keep_alive = False
         self.complete = False
         self.error: BaseException | None = None
@@ -75,6 +76,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.status = 0
         self.reason = ""
         self.raw_headers = []
+        self.content_length = None
         self.complete = False
         self._head_bytes = 0
         self._te = None
@@ -210,6 +212,7 @@ class UpstreamConnection(asyncio.Protocol):
             # out of step. The first answer stands; the connection goes.
             raise ResponseError("data after the response")
         self.raw_headers = []
+        self.content_length = None
         self._te = None
         self._has_length = False
 
@@ -225,7 +228,9 @@ class UpstreamConnection(asyncio.Protocol):
         if lower == b"transfer-encoding":
             self._te = value if self._te is None else self._te + b"," + value
         elif lower == b"content-length":
+            # llhttp has refused a malformed or conflicting length.
             self._has_length = True
+            self.content_length = int(value)
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -234,6 +239,7 @@ class UpstreamConnection(asyncio.Protocol):
             # Interim answers (100 Continue, 103 Early Hints) are skipped: the client gets
             # the final one only. 101 cannot come: the gateway never asks to upgrade.
             self.raw_headers = []
+            self.content_length = None
             return
         if self._te is not None and self._te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
             # RFC 9112 6.1: chunked must be the final coding; anything else would leave the

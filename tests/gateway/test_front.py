@@ -358,12 +358,6 @@ async def test_a_head_over_its_total_limit_is_431_before_it_ends(serve: Serve) -
     assert recorder.seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="front.py checks the head's size only while the head is still incomplete after a "
-    "read (data_received -> _check_head_size), so a head that ends in the read that "
-    "carries it is never measured",
-)
 async def test_a_head_over_its_total_limit_is_431_when_it_arrives_in_one_read(
     serve: Serve,
 ) -> None:
@@ -375,11 +369,6 @@ async def test_a_head_over_its_total_limit_is_431_when_it_arrives_in_one_read(
     assert recorder.seen == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_check_head_size adds the whole read, so the body of the request before a "
-    "pipelined head is counted as part of that head",
-)
 async def test_the_body_before_a_pipelined_head_does_not_count_towards_it(
     serve: Serve,
 ) -> None:
@@ -432,12 +421,6 @@ UPGRADES = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="llhttp calls on_message_complete before HttpParserUpgrade is raised, so "
-    "data_received finds self.parsing None and never marks the request close: the answer "
-    "keeps the connection alive and reading resumes, parsing what follows as requests",
-)
 @pytest.mark.parametrize("follower", ["same-write", "after-the-answer"])
 @pytest.mark.parametrize("head", UPGRADES, ids=["websocket", "connect"])
 async def test_an_upgrade_is_answered_then_the_connection_closes(
@@ -542,14 +525,7 @@ async def _stream_hello(request: Request) -> None:
     "handler",
     [
         _respond_hello,
-        pytest.param(
-            _stream_hello,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="Request.write sends the chunk even after start() finished a HEAD "
-                "answer (respond() drops the body, write() does not check self.finished)",
-            ),
-        ),
+        _stream_hello,
     ],
     ids=["respond", "stream"],
 )

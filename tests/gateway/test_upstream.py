@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-from multidict import CIMultiDict
 
 from gateway.upstream import (
     BodyCut,
@@ -73,7 +72,7 @@ async def backend() -> AsyncIterator[Callable[[Handler], Awaitable[Backend]]]:
 
 
 async def _get(pool: UpstreamPool, path: str = "/x", method: str = "GET") -> bytes:
-    resp = await pool.request(method, path, CIMultiDict())
+    resp = await pool.request(method, path, b"")
     try:
         return await resp.read_all()
     finally:
@@ -128,9 +127,9 @@ async def _keep_alive_backend(
 async def test_keep_alive_connections_are_reused_and_the_head_is_well_formed(backend) -> None:
     state = await _keep_alive_backend(backend)
     pool = state.pool()
-    headers = CIMultiDict({"X-Request-Id": "1", "Accept": "text/csv"})
+    headers = b"X-Request-Id: 1\r\nAccept: text/csv\r\n"
     for _ in range(5):
-        resp = await pool.request("GET", "/signals?a=1", headers.copy())
+        resp = await pool.request("GET", "/signals?a=1", headers)
         assert (resp.status, await resp.read_all()) == (200, b"ok")
         resp.release()
     await pool.close()
@@ -183,7 +182,7 @@ async def test_a_post_with_a_body_is_not_retried(backend) -> None:
     pool = state.pool()
     assert await _get(pool) == b"ok"
     with pytest.raises(UpstreamUnavailable):
-        await pool.request("POST", "/x", CIMultiDict(), b"payload")
+        await pool.request("POST", "/x", b"", b"payload")
     assert state.connections == 1
     await pool.close()
 
@@ -220,7 +219,7 @@ async def test_early_answer_stops_the_upload_and_the_connection_is_dropped(backe
     state = await backend(handler)
     ref.append(state)
     pool = state.pool()
-    resp = await asyncio.wait_for(pool.request("PUT", "/u", CIMultiDict(), endless()), 2)
+    resp = await asyncio.wait_for(pool.request("PUT", "/u", b"", endless()), 2)
     assert (resp.status, await resp.read_all()) == (413, b"big")
     resp.release()
     stopped_at = sent
@@ -248,7 +247,7 @@ async def test_streamed_chunked_body_is_framed(backend) -> None:
 
     state = await backend(handler)
     pool = state.pool()
-    resp = await pool.request("POST", "/u", CIMultiDict(), body())
+    resp = await pool.request("POST", "/u", b"", body())
     assert await resp.read_all() == b"ok"
     resp.release()
     assert got == [b"3\r\nabc\r\n10\r\n" + b"x" * 16 + b"\r\n0\r\n\r\n"]
@@ -264,7 +263,7 @@ async def test_interim_answers_are_skipped(backend) -> None:
         )
     )
     pool = state.pool()
-    resp = await pool.request("GET", "/x", CIMultiDict())
+    resp = await pool.request("GET", "/x", b"")
     assert resp.status == 201
     assert resp.reason == "Created"
     assert list(resp.headers) == ["X-Final", "Content-Length"]
@@ -305,7 +304,7 @@ async def test_ambiguous_or_malformed_answers_are_refused(answer: bytes, backend
     state = await backend(_answer_then_wait(answer))
     pool = state.pool()
     with pytest.raises(UpstreamUnavailable):
-        await pool.request("GET", "/x", CIMultiDict())
+        await pool.request("GET", "/x", b"")
     await pool.close()
 
 
@@ -314,7 +313,7 @@ async def test_a_head_over_the_size_limit_is_refused(backend) -> None:
     state = await backend(_answer_then_wait(b"HTTP/1.1 200 OK\r\n" + fields))
     pool = state.pool()
     with pytest.raises(UpstreamUnavailable):
-        await pool.request("GET", "/x", CIMultiDict())
+        await pool.request("GET", "/x", b"")
     await pool.close()
 
 
@@ -327,11 +326,11 @@ async def test_a_bad_chunk_cuts_the_body_and_the_connection_is_dropped(backend) 
 
     state = await backend(handler)
     pool = state.pool()
-    resp = await pool.request("GET", "/x", CIMultiDict())
+    resp = await pool.request("GET", "/x", b"")
     with pytest.raises(BodyCut):
         await resp.read_all()
     resp.release()
-    resp = await pool.request("GET", "/x", CIMultiDict())
+    resp = await pool.request("GET", "/x", b"")
     resp.release()
     assert state.connections == 2
     await pool.close()
@@ -348,8 +347,8 @@ async def test_stalls_before_the_head_and_inside_the_body_time_out(backend) -> N
     state = await backend(handler)
     pool = state.pool(read_timeout=0.2)
     with pytest.raises(UpstreamTimeout):
-        await pool.request("GET", "/head", CIMultiDict())
-    resp = await pool.request("GET", "/body", CIMultiDict())
+        await pool.request("GET", "/head", b"")
+    resp = await pool.request("GET", "/body", b"")
     assert await resp.read() == b"abc"
     with pytest.raises(BodyCut):
         await resp.read()
@@ -396,11 +395,11 @@ async def test_head_and_no_content_answers_have_no_body(backend) -> None:
     state = await backend(handler)
     ref.append(state)
     pool = state.pool()
-    resp = await pool.request("HEAD", "/x", CIMultiDict())
+    resp = await pool.request("HEAD", "/x", b"")
     assert (resp.status, resp.content_length, await resp.read_all()) == (200, 1234, b"")
     resp.release()
     for _ in range(2):
-        resp = await pool.request("GET", "/x", CIMultiDict())
+        resp = await pool.request("GET", "/x", b"")
         assert (resp.status, await resp.read_all()) == (204, b"")
         resp.release()
     # HEAD's connection is dropped (llhttp would wait for 1234 body bytes); 204's is reused.
@@ -411,9 +410,9 @@ async def test_head_and_no_content_answers_have_no_body(backend) -> None:
 async def test_the_pool_is_bounded_and_waits_for_a_free_connection(backend) -> None:
     state = await _keep_alive_backend(backend)
     pool = state.pool(max_connections=1, connect_timeout=0.2)
-    held = await pool.request("GET", "/x", CIMultiDict())
+    held = await pool.request("GET", "/x", b"")
     with pytest.raises(UpstreamUnavailable, match="busy"):
-        await pool.request("GET", "/x", CIMultiDict())
+        await pool.request("GET", "/x", b"")
 
     async def release_soon(resp: UpstreamResponse) -> None:
         await asyncio.sleep(0.05)
@@ -453,18 +452,8 @@ async def test_refused_connection_is_unavailable() -> None:
         f"http://127.0.0.1:{port}", max_connections=1, connect_timeout=1, read_timeout=1
     )
     with pytest.raises(UpstreamUnavailable, match="cannot connect"):
-        await pool.request("GET", "/x", CIMultiDict())
+        await pool.request("GET", "/x", b"")
     await pool.close()
-
-
-@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
-async def test_line_breaks_in_header_values_never_leave(value: str, backend) -> None:
-    state = await _keep_alive_backend(backend)
-    pool = state.pool()
-    with pytest.raises(UpstreamUnavailable):
-        await pool.request("GET", "/x", CIMultiDict({"X-Metergate-Account": value}))
-    await pool.close()
-    assert state.requests == []
 
 
 async def test_a_second_answer_to_one_request_drops_the_connection(backend) -> None:

@@ -1,0 +1,68 @@
+"""The header blocks the gateway builds: values it adds never carry line breaks."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway import headers as hdr
+
+
+@pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
+def test_an_added_value_with_a_line_break_is_refused(value: str) -> None:
+    with pytest.raises(hdr.UnsafeHeader):
+        hdr.upstream_request_head(
+            [(b"Accept", b"*/*")],
+            keep_authorization=False,
+            client_ip="10.0.0.1",
+            scheme="http",
+            host="gw",
+            added=[(b"X-Metergate-Account", value)],
+        )
+
+
+def test_the_request_block_rewrites_forwarding_headers_and_keeps_the_rest() -> None:
+    block = hdr.upstream_request_head(
+        [
+            (b"Accept", b"text/csv"),
+            (b"Connection", b"keep-alive, X-Drop-Me"),
+            (b"X-Drop-Me", b"1"),
+            (b"X-Forwarded-For", b"1.2.3.4"),
+            (b"Via", b"1.0 edge"),
+            (b"Content-Length", b"5"),
+            (b"Authorization", b"Bearer t"),
+            (b"X_Metergate_Account", b"spoof"),
+        ],
+        keep_authorization=False,
+        client_ip="10.0.0.1",
+        scheme="http",
+        host="gw",
+        added=[(b"X-Metergate-Account", "acct")],
+    )
+    assert block == (
+        b"Accept: text/csv\r\n"
+        b"X-Forwarded-For: 1.2.3.4, 10.0.0.1\r\n"
+        b"X-Forwarded-Proto: http\r\n"
+        b"X-Forwarded-Host: gw\r\n"
+        b"Via: 1.0 edge, 1.1 metergate\r\n"
+        b"X-Metergate-Account: acct\r\n"
+    )
+
+
+def test_the_response_block_drops_framing_and_hop_by_hop_and_adds_via_and_date() -> None:
+    block = hdr.client_response_head(
+        [
+            (b"Content-Type", b"application/json"),
+            (b"Content-Length", b"2"),
+            (b"Connection", b"X-Internal"),
+            (b"X-Internal", b"secret"),
+            (b"Keep-Alive", b"timeout=5"),
+        ],
+        b"RateLimit: x\r\n",
+    )
+    lines = block.split(b"\r\n")
+    assert lines[0] == b"Content-Type: application/json"
+    assert lines[1] == b"Via: 1.1 metergate"
+    assert lines[2].startswith(b"Date: ")
+    assert lines[3:] == [b"RateLimit: x", b""]
+    dated = hdr.client_response_head([(b"Date", b"Tue, 01 Dec 2026 00:00:00 GMT")])
+    assert dated.count(b"Date: ") == 1
