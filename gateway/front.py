@@ -55,6 +55,9 @@ _BODY_HIGH = 256 * 1024
 _PIPELINE_MAX = 16
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEAD_TOO_LARGE = "the request head is too large"
+# The headers the gateway itself reads, noted as they are parsed (by length first: cheap).
+_NOTED = frozenset({b"authorization", b"content-length", b"expect", b"host", b"transfer-encoding"})
+_NOTED_LENGTHS = frozenset(len(n) for n in _NOTED)
 _JSON = "application/json"
 
 
@@ -80,12 +83,14 @@ class Request:
         "_complete",
         "_conn",
         "_continued",
+        "_headers",
         "_waiter",
+        "authorization",
         "body_exists",
         "close",
         "content_length",
+        "expect",
         "finished",
-        "headers",
         "host",
         "keep_alive",
         "method",
@@ -105,24 +110,29 @@ class Request:
         method: str,
         target: str,
         version: str,
-        headers: CIMultiDict[str],
         raw_headers: list[tuple[bytes, bytes]],
+        noted: dict[bytes, list[bytes]],
         keep_alive: bool,
     ) -> None:
         self._conn = conn
         self.method = method
         self.raw_path = target
         self.version = version
-        self.headers = headers
         self.raw_headers = raw_headers  # as parsed: what is forwarded, without re-encoding
+        self._headers: CIMultiDict[str] | None = None
         self.keep_alive = keep_alive
         self.remote = conn.peer
         self.scheme = "http"
-        self.host = headers.get("Host")
-        length = headers.get("Content-Length")
+        host = noted.get(b"host")
+        self.host = _text(host[0]) if host else None
+        # Every Authorization line: more than one is refused by the proxy.
+        self.authorization = [_text(v) for v in noted.get(b"authorization", ())]
+        expect = noted.get(b"expect")
+        self.expect = _text(expect[0]) if expect else None
+        length = noted.get(b"content-length")
         # llhttp has refused a malformed, repeated or Transfer-Encoding-paired length.
-        self.content_length = int(length) if length is not None else None
-        self.body_exists = bool(self.content_length) or "Transfer-Encoding" in headers
+        self.content_length = int(length[0]) if length else None
+        self.body_exists = bool(self.content_length) or b"transfer-encoding" in noted
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._complete = False
@@ -135,6 +145,13 @@ class Request:
         self.finished = False
         self.status = 0
         self.sent = 0
+
+    @property
+    def headers(self) -> CIMultiDict[str]:
+        """All the request's headers as text, built on first use (the proxy needs none)."""
+        if self._headers is None:
+            self._headers = CIMultiDict([(_text(n), _text(v)) for n, v in self.raw_headers])
+        return self._headers
 
     # -- the request body -----------------------------------------------------------------
 
@@ -167,7 +184,7 @@ class Request:
         """Invite the body of an ``Expect: 100-continue`` request (once, HTTP/1.1 only)."""
         if self._continued or self._complete or self.version != "1.1":
             return
-        expect = self.headers.get("Expect")
+        expect = self.expect
         if expect is not None and expect.lower() == "100-continue":
             self._continued = True
             self._conn.send(_CONTINUE)
@@ -315,6 +332,7 @@ class _Connection(asyncio.Protocol):
         "_head_size",
         "_headers",
         "_last",
+        "_noted",
         "_parser",
         "_pending_error",
         "_queue",
@@ -339,6 +357,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._headers: list[tuple[bytes, bytes]] = []
+        self._noted: dict[bytes, list[bytes]] = {}  # the few headers the gateway reads
         self._target: list[bytes] = []
         self._target_size = 0
         self._head_size = 0  # the current head's line and fields, as parsed
@@ -438,6 +457,10 @@ class _Connection(asyncio.Protocol):
             raise _HeadError(431, "request_head_too_large", "a header field is too large")
         headers = self._headers
         headers.append((name, value))
+        if len(name) in _NOTED_LENGTHS:
+            lower = name.lower()
+            if lower in _NOTED:
+                self._noted.setdefault(lower, []).append(value)
         if len(headers) > _MAX_FIELDS:
             raise _HeadError(431, "request_head_too_large", "too many header fields")
         self._head_size += len(name) + len(value) + 4
@@ -448,19 +471,16 @@ class _Connection(asyncio.Protocol):
         self.head_started = None
         parser = self._parser
         raw, self._headers = self._headers, []
+        noted, self._noted = self._noted, {}
         target = b"".join(self._target)
         self._target.clear()
-        headers: CIMultiDict[str] = CIMultiDict(
-            [(n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-             for n, v in raw]
-        )  # fmt: skip
         request = Request(
             self,
             parser.get_method().decode("ascii"),
             target.decode("utf-8", "surrogateescape"),
             parser.get_http_version(),
-            headers,
             raw,
+            noted,
             parser.should_keep_alive(),
         )
         self.parsing = request
@@ -616,6 +636,10 @@ class _Connection(asyncio.Protocol):
                 self._fail(_HeadError(408, "request_timeout", "the request head did not arrive"))
         elif self.idle_since is not None and now - self.idle_since > server.keepalive_timeout:
             self.close()
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
 
 
 def _parser_message(exc: Exception) -> str:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # and the answer goes to the client in one write.
 _SMALL = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
+_CANONICAL_CACHE = 4096
 _ACCOUNT = hdr.ACCOUNT.encode()
 _ROLE = hdr.ROLE.encode()
 _TIER = hdr.TIER.encode()
@@ -88,13 +89,22 @@ class Proxy:
             r.name: f",{','.join(r.tiers)}," if r.tiers else "" for r in self._table.routes
         }
         self._upgrade = _upgrade_hints(config)
+        # Raw target -> (canonical path, query): clients repeat the same few targets.
+        self._canonical: dict[str, tuple[str, str]] = {}
 
     async def handle(self, request: Request) -> None:
         started = time.perf_counter()
-        try:
-            path, query = canonicalize(request.raw_path)
-        except BadPath as exc:
-            return self._error(request, self._unmatched, started, 400, "bad_path", str(exc))
+        target = request.raw_path
+        canonical = self._canonical.get(target)
+        if canonical is None:
+            try:
+                canonical = canonicalize(target)
+            except BadPath as exc:
+                return self._error(request, self._unmatched, started, 400, "bad_path", str(exc))
+            if len(self._canonical) >= _CANONICAL_CACHE:
+                self._canonical.clear()
+            self._canonical[target] = canonical
+        path, query = canonical
         match = self._table.match(request.method, path)
         if match is None:
             return self._error(
@@ -119,7 +129,8 @@ class Proxy:
             return self._error(request, rm, started, 413, "body_too_large", message)
 
         claims: Claims | None = None
-        if len(request.headers.getall("Authorization", ())) > 1:
+        authorization = request.authorization
+        if len(authorization) > 1:
             # Which one counts would be up to whoever reads it next: the gateway might
             # charge one account while a backend that reads the other serves another.
             return self._unauthorized(
@@ -127,7 +138,9 @@ class Proxy:
             )
         if not route.public:
             try:
-                claims = await self._verifier.verify_header(request.headers.get("Authorization"))
+                claims = await self._verifier.verify_header(
+                    authorization[0] if authorization else None
+                )
             except AuthError as exc:
                 return self._unauthorized(request, rm, started, exc)
 
@@ -356,8 +369,7 @@ class Proxy:
         status = upstream_resp.status
         added = b""
         if decision is not None:
-            policy, state = _ratelimit_values(decision, self._clock())
-            added = b"RateLimit-Policy: %s\r\nRateLimit: %s\r\n" % (policy.encode(), state.encode())
+            added = _ratelimit_lines(decision, self._clock())
         headers = hdr.client_response_head(upstream_resp.raw_headers, added)
         no_body = request.method == "HEAD" or status in _NO_BODY_STATUSES
         length = upstream_resp.content_length
@@ -421,19 +433,30 @@ class Proxy:
             rm.refunds.inc(units)
 
 
-def _ratelimit_values(decision: Decision, now: float) -> tuple[str, str]:
-    # draft-ietf-httpapi-ratelimit-headers (RateLimit / RateLimit-Policy structured fields).
-    remaining = max(0, decision.included - decision.used)
-    window = max(0, int(now) + decision.reset_seconds - decision.period_start)
+# draft-ietf-httpapi-ratelimit-headers (RateLimit / RateLimit-Policy structured fields).
+_POLICY = '"monthly";q=%d;w=%d;qu="units"'
+_STATE = '"monthly";r=%d;t=%d'
+_RATELIMIT_LINES = f"RateLimit-Policy: {_POLICY}\r\nRateLimit: {_STATE}\r\n".encode()
+
+
+def _ratelimit_numbers(decision: Decision, now: float) -> tuple[int, int, int, int]:
+    """Quota, window, remaining and seconds to reset, as the two fields carry them."""
     return (
-        f'"monthly";q={decision.included};w={window};qu="units"',
-        f'"monthly";r={remaining};t={max(0, decision.reset_seconds)}',
+        decision.included,
+        max(0, int(now) + decision.reset_seconds - decision.period_start),
+        max(0, decision.included - decision.used),
+        max(0, decision.reset_seconds),
     )
 
 
+def _ratelimit_lines(decision: Decision, now: float) -> bytes:
+    # The header block on every metered answer: formatted in one go.
+    return _RATELIMIT_LINES % _ratelimit_numbers(decision, now)
+
+
 def _ratelimit_headers(decision: Decision, now: float) -> dict[str, str]:
-    policy, state = _ratelimit_values(decision, now)
-    return {"RateLimit-Policy": policy, "RateLimit": state}
+    quota, window, remaining, reset = _ratelimit_numbers(decision, now)
+    return {"RateLimit-Policy": _POLICY % (quota, window), "RateLimit": _STATE % (remaining, reset)}
 
 
 def _upgrade_hints(config: Config) -> dict[str, str]:
