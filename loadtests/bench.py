@@ -8,6 +8,12 @@ stays stable on a shared machine). Every run is checked: all answers 200, and fo
 metering systems the units in Redis equal exactly the requests the backend served times
 their routes' costs. Prints a markdown table with the issue's targets and writes JSON.
 
+``--pin`` (two CPUs or more) runs each one-process system under test alone on CPU 0 and
+everything else (wrk, the backend, Redis, this script) on the other CPUs, so a proxy does
+not share its core with the load it is measured under; systems with several workers run
+on all CPUs. On a machine with few cores that starves the load side (on 2 cores, wrk,
+the backend and Redis share one), so it is not the default.
+
 Needs wrk and nginx (``apt-get install -y nginx wrk``); without nginx that row is skipped.
 """
 
@@ -38,7 +44,7 @@ from gateway.auth import issue_token
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.routing import PricedRoute, RouteTable
 from loadtests import systems, wrk
-from loadtests.procs import Child, cpu_seconds, free_port, wait_http
+from loadtests.procs import Child, cpu_seconds, free_port, pin, wait_http
 from loadtests.report import Result, evaluate_targets, render, scaling_rows
 from loadtests.systems import Environment, System
 
@@ -69,6 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(s.kind == "nginx" for s in chosen) and systems.find_nginx() is None:
         print(f"bench: nginx is not installed, skipping it (`{wrk.INSTALL_HINT}`)", file=sys.stderr)
         chosen = [s for s in chosen if s.kind != "nginx"]
+
+    everywhere = set(range(nproc))
+    if args.pin and nproc >= 2:
+        # Inherited by Redis, the backend and wrk, started from here.
+        os.sched_setaffinity(0, everywhere - {0})
+    else:
+        args.pin = False
 
     config = load_config(systems.ROOT / "gateway.toml")
     table = RouteTable(config)
@@ -150,6 +163,9 @@ class _Bench:
         script = self.env.work_dir / f"{system.name}.lua"
         wrk.write_script(script, BENCH_PATHS, tokens)
         child, port = systems.start(system, self.env)
+        if child is not None and self.args.pin:
+            cpus = {0} if system.workers == 1 else set(range(os.cpu_count() or 1))
+            pin(child.pid, cpus)
         pid = child.pid if child is not None else self.backend.pid
         metrics_url = f"http://127.0.0.1:{port}/metrics" if system.kind == "metergate" else None
         url = f"http://127.0.0.1:{port}"
@@ -408,6 +424,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scaling", action="store_true", help="also metergate complete at workers = 1..nproc"
+    )
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="give one-process systems CPU 0 to themselves, the load the other CPUs",
     )
     p.add_argument(
         "--json-out", default="bench-results/latest.json", help="where to write the JSON results"

@@ -53,6 +53,15 @@ def tree(pid: int) -> list[int]:
     return seen
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of ``pid``'s process tree on ``cpus`` only."""
+    for member in tree(pid):
+        with contextlib.suppress(OSError):  # a member may exit meanwhile
+            for tid in os.listdir(f"/proc/{member}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of ``pid``'s process tree (reaped children included)."""
     total = 0

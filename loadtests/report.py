@@ -136,6 +136,11 @@ def render(
         f"Python {machine['python']}; wrk -t{settings['threads']} -c{settings['connections']}, "
         f"{settings['duration']:g} s after a {settings['warmup']:g} s warm-up, "
         f"{settings['accounts']} accounts x 4 priced routes; commit {machine['commit']}.",
+        (
+            "One-process systems ran alone on CPU 0; wrk, the backend and Redis on the others."
+            if settings.get("pin")
+            else "Every process could run on any CPU (not pinned)."
+        ),
         "",
         "| System | req/s | p50 ms | p99 ms | CPU µs/req | vs yardstick | vs nginx "
         "| EVALSHA/req | Redis RT/req | Redis µs/req | check |",
