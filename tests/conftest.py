@@ -208,7 +208,9 @@ async def start_gateway(
         app = create_app(settings, clock=clock)
         runner = web.AppRunner(app)
         await runner.setup()
-        front = FrontServer(gateway_handler(app), config.limits)
+        front = FrontServer(
+            gateway_handler(app), config.limits, access_log=config.gateway.access_log
+        )
         try:
             listening = await front.listen("127.0.0.1", 0)
         except BaseException:

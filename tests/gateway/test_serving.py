@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 import pytest
@@ -13,7 +14,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from gateway import keys
-from tests.conftest import auth, echo, load_test_config
+from tests.conftest import auth, echo, load_test_config, replace_section
 
 UPLOAD = """
 [[routes]]
@@ -145,3 +146,36 @@ async def test_malformed_requests_get_json_errors(
     assert b"Content-Type: application/json" in head
     assert json.loads(body)["error"]["code"] == code
     assert seen == []
+
+
+async def test_the_access_log_has_a_line_per_request_when_on(
+    start_upstream, start_gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = replace_section(await _config(start_upstream), gateway={"access_log": True})
+    gateway = await start_gateway(config)
+    caplog.set_level(logging.INFO, logger="metergate.access")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.make_url("/signals?x=1"), headers=auth("acct-l")) as resp:
+            body = await resp.read()
+        async with session.get(gateway.make_url("/nowhere"), headers=auth("acct-l")) as resp:
+            assert resp.status == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "metergate.access"]
+    assert len(lines) == 2
+    address, request, rest = lines[0].split('"')
+    status, sent, seconds = rest.split()
+    address = address.strip()
+    assert (address, request) == ("127.0.0.1", "GET /signals?x=1 HTTP/1.1")
+    assert (int(status), int(sent)) == (200, len(body))
+    assert 0 <= float(seconds) < 5
+    assert '"GET /nowhere HTTP/1.1" 404 ' in lines[1]
+
+
+async def test_the_access_log_is_silent_when_off(
+    start_upstream, start_gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await start_gateway(await _config(start_upstream))
+    caplog.set_level(logging.INFO, logger="metergate.access")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-q")) as resp:
+            assert resp.status == 200
+    assert [r for r in caplog.records if r.name == "metergate.access"] == []
