@@ -10,7 +10,7 @@ has already refused CR, LF and obs-fold in what it parsed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from email.utils import formatdate
 
 from gateway.errors import GatewayError
@@ -67,6 +67,7 @@ _HOP_BY_HOP = frozenset(h.encode() for h in HOP_BY_HOP)
 _IDENTITY = IDENTITY_PREFIX.encode()
 # Content-Length leaves too: the upstream pool frames the body it sends itself.
 _REQUEST_DROP_B = frozenset(h.encode() for h in _REQUEST_DROP) | {b"content-length"}
+_REQUEST_DROP_NO_AUTH = _REQUEST_DROP_B | {b"authorization"}
 _UNDERSCORE_DROP_B = frozenset(h.encode() for h in _UNDERSCORE_DROP)
 _RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
 _VIA = VIA.encode()
@@ -84,73 +85,102 @@ def encode_value(value: str) -> bytes:
     return value.encode("utf-8", "surrogateescape")
 
 
+def header_line(name: bytes, value: str) -> bytes:
+    """``Name: value\\r\\n`` for a value the gateway adds; UnsafeHeader on a line break."""
+    return b"%s: %s\r\n" % (name, encode_value(value))
+
+
+_VIA_LINE = b"Via: %s\r\n" % _VIA
+_PROTO_LINES = {"http": b"X-Forwarded-Proto: http\r\n", "https": b"X-Forwarded-Proto: https\r\n"}
+
+
 def upstream_request_head(
     headers: RawHeaders,
     *,
     keep_authorization: bool,
-    client_ip: str | None,
+    client_ip: bytes | None,
     scheme: str,
     host: str | None,
-    added: Iterable[tuple[bytes, str]] = (),
+    added: bytes = b"",
 ) -> bytes:
     """The header block sent to the backend: the client's headers, less hop-by-hop, spoofed
-    identity and override headers, plus the forwarding headers and ``added`` ones."""
-    drop = _REQUEST_DROP_B
-    tokens = _connection_tokens(headers)
-    if tokens:
-        drop = drop | tokens
-    if not keep_authorization:
-        drop = drop | {b"authorization"}
+    identity and override headers, plus the forwarding headers and the ``added`` lines
+    (made with ``header_line``)."""
+    drop = _REQUEST_DROP_B if keep_authorization else _REQUEST_DROP_NO_AUTH
+    out, forwarded_for, via, connection = _request_lines(headers, drop)
+    if connection:
+        # Rare: the client named more headers to drop in Connection; filter once more.
+        out, forwarded_for, via, _ = _request_lines(headers, drop | _connection_tokens(headers))
+    if client_ip:
+        if forwarded_for is None:
+            out.append(b"X-Forwarded-For: %s\r\n" % client_ip)
+        else:
+            out.append(b"X-Forwarded-For: %s\r\n" % _append(forwarded_for, client_ip))
+    out.append(_PROTO_LINES.get(scheme) or header_line(b"X-Forwarded-Proto", scheme))
+    if host:
+        out.append(header_line(b"X-Forwarded-Host", host))
+    out.append(_VIA_LINE if via is None else b"Via: %s\r\n" % _append(via, _VIA))
+    out.append(added)
+    return b"".join(out)
+
+
+def _request_lines(
+    headers: RawHeaders, drop: frozenset[bytes]
+) -> tuple[list[bytes], list[bytes] | None, list[bytes] | None, bool]:
+    """The lines kept, the X-Forwarded-For and Via values, and whether Connection was set."""
     out = []
-    forwarded_for: list[bytes] = []
-    via: list[bytes] = []
+    forwarded_for: list[bytes] | None = None
+    via: list[bytes] | None = None
+    connection = False
     for name, value in headers:
         lower = name.lower()
-        if lower in drop or lower.startswith(_IDENTITY):
+        if lower in drop:
+            connection = connection or lower == b"connection"
+            continue
+        if lower.startswith(_IDENTITY):
             continue
         if lower == b"x-forwarded-for":
-            forwarded_for.append(value)
+            forwarded_for = [value] if forwarded_for is None else [*forwarded_for, value]
             continue
         if lower == b"via":
-            via.append(value)
+            via = [value] if via is None else [*via, value]
             continue
         if b"_" in lower:
             dashed = lower.replace(b"_", b"-")
             if dashed in _UNDERSCORE_DROP_B or dashed.startswith(_IDENTITY):
                 continue
         out.append(b"%s: %s\r\n" % (name, value))
-    if client_ip:
-        out.append(b"X-Forwarded-For: %s\r\n" % _append(forwarded_for, client_ip.encode()))
-    out.append(b"X-Forwarded-Proto: %s\r\n" % scheme.encode())
-    if host:
-        out.append(b"X-Forwarded-Host: %s\r\n" % encode_value(host))
-    out.append(b"Via: %s\r\n" % _append(via, _VIA))
-    for name, text in added:
-        out.append(b"%s: %s\r\n" % (name, encode_value(text)))
-    return b"".join(out)
+    return out, forwarded_for, via, connection
 
 
 def client_response_head(headers: RawHeaders, added: bytes = b"") -> bytes:
     """The header block sent to the client: the backend's headers less hop-by-hop ones and
     Content-Length (the gateway frames the body), with Via, a Date, and ``added`` lines."""
-    drop = _RESPONSE_DROP
-    tokens = _connection_tokens(headers)
-    if tokens:
-        drop = drop | tokens
     out = []
-    via: list[bytes] = []
-    dated = False
+    via: list[bytes] | None = None
+    dated = connection = False
     for name, value in headers:
         lower = name.lower()
-        if lower in drop:
+        if lower in _RESPONSE_DROP:
+            connection = connection or lower == b"connection"
             continue
         if lower == b"via":
-            via.append(value)
+            via = [value] if via is None else [*via, value]
             continue
         if lower == b"date":
             dated = True
         out.append(b"%s: %s\r\n" % (name, value))
-    out.append(b"Via: %s\r\n" % _append(via, _VIA))
+    if connection:
+        # Rare: the backend named headers to drop in Connection; filter once more.
+        tokens = _connection_tokens(headers)
+        out = [
+            b"%s: %s\r\n" % (name, value)
+            for name, value in headers
+            if (lower := name.lower()) not in _RESPONSE_DROP
+            and lower not in tokens
+            and lower != b"via"
+        ]
+    out.append(_VIA_LINE if via is None else b"Via: %s\r\n" % _append(via, _VIA))
     if not dated:
         out.append(b"Date: %s\r\n" % http_date().encode())
     out.append(added)

@@ -40,9 +40,10 @@ _SMALL = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CANONICAL_CACHE = 4096
 _ACCOUNT = hdr.ACCOUNT.encode()
-_ROLE = hdr.ROLE.encode()
+_ROLE_ADMIN = hdr.header_line(hdr.ROLE.encode(), "admin")
 _TIER = hdr.TIER.encode()
 _UNITS = hdr.UNITS.encode()
+_HEADER_LINE_CACHE = 10_000
 _DENIAL = {
     Reason.QUOTA_EXHAUSTED: (429, "quota_exceeded"),
     Reason.OVERAGE_CAP: (429, "overage_cap_reached"),
@@ -91,6 +92,12 @@ class Proxy:
         self._upgrade = _upgrade_hints(config)
         # Raw target -> (canonical path, query): clients repeat the same few targets.
         self._canonical: dict[str, tuple[str, str]] = {}
+        # The X-Metergate-* lines by account, tier and route, encoded and checked once.
+        self._header_lines: dict[str, bytes] = {}
+        self._tier_lines: dict[str, bytes] = {}
+        self._units_lines = {
+            r.name: hdr.header_line(_UNITS, str(r.cost)) for r in self._table.routes
+        }
 
     async def handle(self, request: Request) -> None:
         started = time.perf_counter()
@@ -171,6 +178,27 @@ class Proxy:
             return self._metering_unavailable(request, rm, started)
 
         await self._forward(request, route, path, query, claims, decision, rm, started, receipt)
+
+    def _identity_lines(
+        self, claims: Claims | None, decision: Decision | None, route: PricedRoute
+    ) -> bytes:
+        """The trusted X-Metergate-* lines for the backend; UnsafeHeader on a line break."""
+        if claims is None:
+            return b""
+        lines = self._header_lines
+        account = lines.get(claims.sub)
+        if account is None:
+            if len(lines) >= _HEADER_LINE_CACHE:
+                lines.clear()
+            account = lines[claims.sub] = hdr.header_line(_ACCOUNT, claims.sub)
+        if claims.is_admin:
+            account += _ROLE_ADMIN
+        if decision is None:
+            return account
+        tier = self._tier_lines.get(decision.tier)
+        if tier is None:
+            tier = self._tier_lines[decision.tier] = hdr.header_line(_TIER, decision.tier)
+        return account + tier + self._units_lines[route.name]
 
     def _error(
         self,
@@ -253,14 +281,6 @@ class Proxy:
         target = (
             self._upstream_prefixes[route.upstream_name] + path + ("?" + query if query else "")
         )
-        added: list[tuple[bytes, str]] = []
-        if claims is not None:
-            added.append((_ACCOUNT, claims.sub))
-            if claims.is_admin:
-                added.append((_ROLE, "admin"))
-        if decision is not None:
-            added.append((_TIER, decision.tier))
-            added.append((_UNITS, str(route.cost)))
         refunded = False
 
         async def refund(kind: str) -> None:
@@ -281,10 +301,10 @@ class Proxy:
             out_head = hdr.upstream_request_head(
                 request.raw_headers,
                 keep_authorization=upstream.forward_authorization,
-                client_ip=request.remote,
+                client_ip=request.remote.encode() if request.remote else None,
                 scheme=request.scheme,
                 host=request.host,
-                added=added,
+                added=self._identity_lines(claims, decision, route),
             )
             if request.body_exists:
                 # Invite the body only now, once the request is authenticated and paid

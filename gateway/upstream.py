@@ -165,7 +165,12 @@ class UpstreamPool:
         chunked = body is not None and not isinstance(body, bytes) and length is None
         head_only = method == "HEAD"
 
-        conn, reused = await self._acquire(fresh=False)
+        # The common case, a warm idle connection, without the acquire coroutine.
+        conn = self._take_idle() if not self._closed else None
+        if conn is not None:
+            reused = True
+        else:
+            conn, reused = await self._acquire(fresh=False)
         try:
             return await self._exchange(conn, head, body, chunked, head_only)
         except ConnectionLost as exc:
@@ -248,11 +253,9 @@ class UpstreamPool:
         deadline = self.loop.time() + self._connect_timeout
         while True:
             if not fresh:
-                while self._idle:
-                    conn = self._idle.pop()
-                    if not conn.closed:
-                        return conn, True
-                    self._open -= 1
+                conn = self._take_idle()
+                if conn is not None:
+                    return conn, True
             elif self._open >= self._max and self._idle:
                 # Make room for the fresh connection by closing the coldest idle one.
                 self._discard(self._idle.pop(0))
@@ -275,6 +278,15 @@ class UpstreamPool:
                 handle.cancel()
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+
+    def _take_idle(self) -> UpstreamConnection | None:
+        """The newest idle connection still open, if any (closed ones are counted out)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.closed:
+                return conn
+            self._open -= 1
+        return None
 
     async def _connect(self, deadline: float) -> UpstreamConnection:
         self._open += 1

@@ -10,13 +10,10 @@ from gateway import headers as hdr
 @pytest.mark.parametrize("value", ["a\r\nX-Injected: 1", "a\nb", "a\rb"])
 def test_an_added_value_with_a_line_break_is_refused(value: str) -> None:
     with pytest.raises(hdr.UnsafeHeader):
+        hdr.header_line(b"X-Metergate-Account", value)
+    with pytest.raises(hdr.UnsafeHeader):
         hdr.upstream_request_head(
-            [(b"Accept", b"*/*")],
-            keep_authorization=False,
-            client_ip="10.0.0.1",
-            scheme="http",
-            host="gw",
-            added=[(b"X-Metergate-Account", value)],
+            [], keep_authorization=False, client_ip=None, scheme="http", host=value
         )
 
 
@@ -33,10 +30,10 @@ def test_the_request_block_rewrites_forwarding_headers_and_keeps_the_rest() -> N
             (b"X_Metergate_Account", b"spoof"),
         ],
         keep_authorization=False,
-        client_ip="10.0.0.1",
+        client_ip=b"10.0.0.1",
         scheme="http",
         host="gw",
-        added=[(b"X-Metergate-Account", "acct")],
+        added=hdr.header_line(b"X-Metergate-Account", "acct"),
     )
     assert block == (
         b"Accept: text/csv\r\n"
@@ -46,6 +43,21 @@ def test_the_request_block_rewrites_forwarding_headers_and_keeps_the_rest() -> N
         b"Via: 1.0 edge, 1.1 metergate\r\n"
         b"X-Metergate-Account: acct\r\n"
     )
+
+
+def test_headers_named_in_connection_are_dropped_wherever_they_come() -> None:
+    raw = [
+        (b"X-Before", b"1"),
+        (b"Connection", b"X-Before, x-after"),
+        (b"Accept", b"*/*"),
+        (b"X-After", b"2"),
+    ]
+    block = hdr.upstream_request_head(
+        raw, keep_authorization=True, client_ip=None, scheme="https", host=None
+    )
+    assert block == b"Accept: */*\r\nX-Forwarded-Proto: https\r\nVia: 1.1 metergate\r\n"
+    back = hdr.client_response_head([*raw, (b"Via", b"1.0 origin")])
+    assert back.startswith(b"Accept: */*\r\nVia: 1.0 origin, 1.1 metergate\r\nDate: ")
 
 
 def test_the_response_block_drops_framing_and_hop_by_hop_and_adds_via_and_date() -> None:
