@@ -14,14 +14,15 @@ local now_ms = tonumber(ARGV[1])
 local now = math.floor(now_ms / 1000)
 local cost = tonumber(ARGV[5])
 
+-- The table's row for one tier, found by a plain search (no pattern scan of every row).
+local tiers = ';' .. ARGV[2] .. ';'
 local function tier_rules(name)
-  for n, inc, ov, cap, interval, burst in
-      string.gmatch(ARGV[2], '([^,;]+),(%d+),(%d),(%-?%d+),(%d+),(%d+)') do
-    if n == name then
-      return tonumber(inc), ov == '1', tonumber(cap), tonumber(interval), tonumber(burst)
-    end
-  end
-  return nil
+  local at = string.find(tiers, ';' .. name .. ',', 1, true)
+  if not at then return nil end
+  local inc, ov, cap, interval, burst =
+      string.match(tiers, '^(%d+),(%d),(%-?%d+),(%d+),(%d+);', at + #name + 2)
+  if not inc then return nil end
+  return tonumber(inc), ov == '1', tonumber(cap), tonumber(interval), tonumber(burst)
 end
 
 local plan = redis.call('HMGET', KEYS[1], 'tier', 'status', 'period_start', 'period_end', 'past_due_since')
