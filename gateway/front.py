@@ -55,6 +55,10 @@ _BODY_HIGH = 256 * 1024
 _PIPELINE_MAX = 16
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEAD_TOO_LARGE = "the request head is too large"
+_FIELD_TOO_LARGE = "a header field is too large"
+# Requests parsed ahead of their turn: reading pauses at _PIPELINE_MAX, and a client that
+# packs more than _PIPELINE_LIMIT into what was already read is refused.
+_PIPELINE_LIMIT = 64
 # The headers the gateway itself reads, noted as they are parsed (by length first: cheap).
 _NOTED = frozenset({b"authorization", b"content-length", b"expect", b"host", b"transfer-encoding"})
 _NOTED_LENGTHS = frozenset(len(n) for n in _NOTED)
@@ -133,6 +137,8 @@ class Request:
         # llhttp has refused a malformed, repeated or Transfer-Encoding-paired length.
         self.content_length = int(length[0]) if length else None
         self.body_exists = bool(self.content_length) or b"transfer-encoding" in noted
+        if version == "1.0" and b"transfer-encoding" in noted:
+            self.keep_alive = False  # RFC 9112 6.1: close after such a message
         self._body: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._complete = False
@@ -278,8 +284,6 @@ class Request:
     def _head(self, status: int, reason: str | None, headers: Headers, length: int | None) -> bytes:
         if self.started:
             raise RuntimeError("the answer has already started")
-        self.started = True
-        self.status = status
         conn = self._conn
         # An answer before the whole body arrived: the rest of it must not be read as the
         # next request, so the connection ends with this answer.
@@ -304,6 +308,8 @@ class Request:
         elif self.version == "1.0":
             framing += b"Connection: keep-alive\r\n"
         phrase = reason or _REASONS.get(status, "Unknown")
+        self.started = True  # only now: a head that failed to build can still become a 500
+        self.status = status
         return b"HTTP/1.1 %d %s\r\n%s%s\r\n" % (
             status,
             phrase.encode("utf-8", "surrogateescape"),
@@ -327,10 +333,14 @@ def _encode_headers(headers: CIMultiDict[str] | dict[str, str]) -> bytes:
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_active",
+        "_closed_at",
         "_drain",
+        "_field_bytes",
+        "_fields",
         "_head_bytes",
         "_head_size",
         "_headers",
+        "_in_body",
         "_last",
         "_noted",
         "_parser",
@@ -362,6 +372,10 @@ class _Connection(asyncio.Protocol):
         self._target_size = 0
         self._head_size = 0  # the current head's line and fields, as parsed
         self._head_bytes = 0  # bytes of reads that fell wholly inside the current head
+        self._field_bytes = 0  # ... of those reads since a header field last ended
+        self._fields = 0  # header and trailer fields parsed on this connection
+        self._in_body = False  # between a head and its message's end: fields are trailers
+        self._closed_at: float | None = None
         self._last: Request | None = None  # the request whose head was parsed last
         self.parsing: Request | None = None  # the request whose body is being received
         self._active: Request | None = None  # the request being answered
@@ -402,6 +416,7 @@ class _Connection(asyncio.Protocol):
         if self._pending_error is not None:
             return
         in_head = self.head_started is not None
+        fields = self._fields
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -422,27 +437,40 @@ class _Connection(asyncio.Protocol):
         else:
             if in_head and self.head_started is not None:
                 # A whole read inside one head: httptools buffers a field until it ends,
-                # so a field that never ends is bounded here, not in on_header.
+                # so a field that never ends is bounded here, not in on_header: by the
+                # reads since a field last ended, and by all the head's reads.
                 self._head_bytes += len(data)
-                if self._head_bytes > self._server.max_head:
+                self._field_bytes = self._field_bytes + len(data) if fields == self._fields else 0
+                if self._field_bytes > self._server.max_field:
+                    self._fail(_HeadError(431, "request_head_too_large", _FIELD_TOO_LARGE))
+                elif self._head_bytes > self._server.max_head:
                     self._fail(_HeadError(431, "request_head_too_large", _HEAD_TOO_LARGE))
 
     def pause_writing(self) -> None:
+        # The client is not reading its answers: read no more of its requests either, or
+        # a pipelining client that never reads would pile answers up in memory.
         self._write_paused = True
+        self._stop_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
+        if self._active is None and self._closed_at is None:
+            self._next()
 
     # -- the parser's callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self.head_started = self.loop.time()
         self.idle_since = None
+        self._in_body = False
+        self._headers = []
+        self._noted = {}
         self._head_size = 0
         self._head_bytes = 0
+        self._field_bytes = 0
         self._target_size = 0
 
     def on_url(self, piece: bytes) -> None:
@@ -453,8 +481,16 @@ class _Connection(asyncio.Protocol):
             raise _HeadError(414, "uri_too_long", "the request target is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._fields += 1
+        if self._in_body:
+            # A trailer of a chunked body: never forwarded (the body is re-framed without
+            # them) and never taken for a header of the next request; only bounded.
+            self._head_size += len(name) + len(value) + 4
+            if self._head_size > self._server.max_head:
+                raise _HeadError(431, "request_head_too_large", "the trailer is too large")
+            return
         if len(name) + len(value) > self._server.max_field:
-            raise _HeadError(431, "request_head_too_large", "a header field is too large")
+            raise _HeadError(431, "request_head_too_large", _FIELD_TOO_LARGE)
         headers = self._headers
         headers.append((name, value))
         if len(name) in _NOTED_LENGTHS:
@@ -469,6 +505,8 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.head_started = None
+        self._in_body = True
+        self._head_size = 0  # from here on: the trailer's
         parser = self._parser
         raw, self._headers = self._headers, []
         noted, self._noted = self._noted, {}
@@ -483,9 +521,16 @@ class _Connection(asyncio.Protocol):
             noted,
             parser.should_keep_alive(),
         )
+        if parser.should_upgrade() and request.body_exists:
+            # llhttp hands what follows an upgrade's head to the other protocol: the body
+            # would silently go missing, and the request be forwarded (and paid) without.
+            raise _HeadError(400, "bad_request", "an Upgrade or CONNECT request with a body")
+        if len(self._queue) >= _PIPELINE_LIMIT:
+            # Reading pauses at _PIPELINE_MAX, but one read may hold many more requests.
+            raise _HeadError(400, "bad_request", "too many pipelined requests")
         self.parsing = request
         self._last = request
-        if self._active is None:
+        if self._active is None and not self._write_paused:
             self._dispatch(request)
         else:
             self._queue.append(request)
@@ -500,6 +545,7 @@ class _Connection(asyncio.Protocol):
                 self._stop_reading()
 
     def on_message_complete(self) -> None:
+        self._in_body = False
         request, self.parsing = self.parsing, None
         if request is not None:
             request._end_body()
@@ -508,13 +554,22 @@ class _Connection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         self._active = request
-        self.loop.create_task(self._run(request))
+        task = self.loop.create_task(self._run(request))
+        tasks = self._server.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _run(self, request: Request) -> None:
         server = self._server
         started = time.perf_counter() if server.access_log else 0.0
         try:
-            await server.handler(request)
+            expect = request.expect
+            if expect is not None and expect.lower() != "100-continue":
+                # RFC 9110 10.1.1: an expectation the server cannot meet.
+                request.hang_up()
+                request.error(417, "expectation_failed", f"cannot meet Expect: {expect}")
+            else:
+                await server.handler(request)
             if not request.started:
                 raise RuntimeError("the handler returned without answering")
         except Exception:
@@ -523,17 +578,25 @@ class _Connection(asyncio.Protocol):
                 request.error(500, "internal_error", "internal error")
             else:
                 request.close = True
-        if not request.finished:
-            request.close = True  # a streamed answer that did not end cannot be framed
-        if server.access_log:
-            _log_access(request, time.perf_counter() - started)
-        self._answered(request)
+        finally:
+            # Also when cancelled (a shutdown past its timeout): the connection is settled.
+            if not request.finished:
+                request.close = True  # a streamed answer that did not end cannot be framed
+            if server.access_log:
+                _log_access(request, time.perf_counter() - started)
+            self._answered(request)
 
     def _answered(self, request: Request) -> None:
         self._active = None
-        if request.close or self.lost:
+        if request.close or self.lost or self.closing:
             self.close()
             return
+        self._next()
+
+    def _next(self) -> None:
+        """Go on with the connection: the next queued request, a pending error, or idle."""
+        if self._active is not None or self._write_paused or self.lost:
+            return  # resume_writing calls again
         if self._queue:
             self._dispatch(self._queue.popleft())
             self._maybe_resume()
@@ -559,13 +622,15 @@ class _Connection(asyncio.Protocol):
         transport.write(data)
         if self._write_paused:
             drain = self._drain
-            if drain is None:
+            if drain is None or drain.done():  # done: cancelled by a writer's timeout
                 drain = self._drain = self.loop.create_future()
             await drain
 
     def close(self) -> None:
         if self._transport is not None:
-            self._transport.close()
+            self._transport.close()  # sends what is buffered first; expire() bounds that
+            if self._closed_at is None:
+                self._closed_at = self.loop.time()
 
     def abort(self) -> None:
         if self._transport is not None:
@@ -602,6 +667,8 @@ class _Connection(asyncio.Protocol):
         )
         self.send(lines.encode("ascii") + body)
         self.close()
+        if self._server.access_log:
+            access_log.info('%s "-" %d %d -', self.peer or "-", error.status, len(body))
 
     def _stop_reading(self) -> None:
         if not self._read_paused and self._transport is not None and not self.lost:
@@ -629,9 +696,13 @@ class _Connection(asyncio.Protocol):
             self.close()
 
     def expire(self, now: float) -> None:
-        """Close an idle keep-alive connection, or answer 408 to a head that stalled."""
+        """Close an idle keep-alive connection, answer 408 to a head that stalled, and
+        drop a closed connection whose client does not read what is left to send."""
         server = self._server
-        if self.head_started is not None:
+        if self._closed_at is not None:
+            if now - self._closed_at > server.head_timeout:
+                self.abort()
+        elif self.head_started is not None:
             if now - self.head_started > server.head_timeout and self._active is None:
                 self._fail(_HeadError(408, "request_timeout", "the request head did not arrive"))
         elif self.idle_since is not None and now - self.idle_since > server.keepalive_timeout:
@@ -679,6 +750,7 @@ class FrontServer:
         self.keepalive_timeout = keepalive_timeout
         self.access_log = access_log
         self.connections: set[_Connection] = set()
+        self.tasks: set[asyncio.Task[None]] = set()  # requests being answered
         self.closing = False
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -719,10 +791,16 @@ class FrontServer:
         for conn in list(self.connections):
             conn.shutdown()
         deadline = self.loop.time() + timeout
-        while self.connections and self.loop.time() < deadline:
+        while (self.connections or self.tasks) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
             conn.abort()
+        # Handlers past the deadline are cancelled, so none outlives the resources (Redis,
+        # backend pools) that the app closes next.
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

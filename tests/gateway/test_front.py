@@ -843,3 +843,205 @@ async def test_an_upload_that_stalls_gets_408_and_is_refunded(
     assert answer.headers["Connection"] == "close"
     assert await _usage(redis_client, account) == 0
     assert received == []
+
+
+# -- what the audit found: a client that does not read, trailers, odd requests ------------
+
+
+async def test_a_pipelining_client_that_never_reads_is_not_buffered_without_bound(
+    serve: Serve,
+) -> None:
+    big = b"x" * (256 * 1024)
+
+    async def handler(request: Request) -> None:
+        request.respond(200, TEXT, big)
+
+    front = await serve(handler)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", front.port))
+    async with _connect(front.port, sock) as (_, writer):
+        request = _request("GET", "/big")
+        for _ in range(400):  # 100 MiB of answers asked for, none read
+            writer.write(request)
+        await asyncio.sleep(0.5)
+        (conn,) = front.server.connections
+        buffered = conn._transport.get_write_buffer_size()  # type: ignore[union-attr]
+        # Reading stopped once the answers backed up: a few answers held, not hundreds.
+        assert buffered < 8 * len(big)
+
+
+async def test_trailers_never_become_headers_of_the_next_request(serve: Serve) -> None:
+    seen: list[tuple[str | None, list[str]]] = []
+
+    async def handler(request: Request) -> None:
+        await request.read()
+        seen.append((request.host, request.authorization))
+        request.respond(200, TEXT, b"ok")
+
+    front = await serve(handler)
+    async with _connect(front.port) as (reader, writer):
+        await _send(
+            writer,
+            _request("POST", "/a", headers=["Transfer-Encoding: chunked"])
+            + b"3\r\nabc\r\n0\r\nHost: evil.example\r\nAuthorization: Bearer stolen\r\n\r\n"
+            + _request("GET", "/b"),
+        )
+        assert (await _read_answer(reader)).status == 200
+        assert (await _read_answer(reader)).status == 200
+    assert seen == [("front.test", []), ("front.test", [])]
+
+
+async def test_an_upgrade_with_a_body_is_refused(serve: Serve) -> None:
+    recorder = Recorder()
+    front = await serve(recorder)
+    head = _request(
+        "POST",
+        "/up",
+        headers=["Connection: upgrade", "Upgrade: foo", "Content-Length: 5"],
+        body=b"hello",
+    )
+    answer, closed = await _exchange(front.port, head)
+    assert (answer.status, _error_code(answer), closed) == (400, "bad_request", True)
+    assert recorder.seen == []
+
+
+async def test_too_many_requests_pipelined_in_one_read_are_refused_after_the_first(
+    serve: Serve,
+) -> None:
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handler(request: Request) -> None:
+        await release.wait()
+        handled.append(request.raw_path)
+        request.respond(200, TEXT, b"ok")
+
+    front = await serve(handler)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, b"".join(_request("GET", f"/{i}") for i in range(200)))
+        await asyncio.sleep(0.1)
+        release.set()
+        statuses = []
+        while True:
+            answer = await _read_answer(reader)
+            statuses.append(answer.status)
+            if answer.status != 200:
+                assert _error_code(answer) == "bad_request"
+                break
+        assert await _closed(reader)
+    # The first, the 64 queued behind it, then the refusal: never all 200 held in memory.
+    assert statuses == [200] * 65 + [400]
+    assert handled == [f"/{i}" for i in range(65)]
+
+
+async def test_a_closed_connection_whose_client_does_not_read_is_dropped(
+    serve: Serve,
+) -> None:
+    async def handler(request: Request) -> None:
+        request.hang_up()
+        request.respond(200, TEXT, b"x" * (8 * 1024 * 1024))
+
+    front = await serve(handler, Limits(client_body_timeout_seconds=0.3))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", front.port))
+    async with _connect(front.port, sock) as (_, writer):
+        await _send(writer, _request("GET", "/x"))
+        await asyncio.sleep(0.2)
+        assert len(front.server.connections) == 1
+        deadline = time.monotonic() + WAIT
+        while front.server.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not front.server.connections
+
+
+async def test_shutdown_returns_once_a_streamed_answer_ends_and_cancels_stragglers(
+    serve: Serve,
+) -> None:
+    streaming, finish = asyncio.Event(), asyncio.Event()
+    cancelled: list[str] = []
+
+    async def handler(request: Request) -> None:
+        try:
+            await request.start(200, TEXT)
+            streaming.set()
+            await finish.wait()
+            await request.write(b"done")
+            await request.end()
+            if request.raw_path == "/never":
+                await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.append(request.raw_path)
+            raise
+
+    front = await serve(handler)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("GET", "/stream"))
+        await asyncio.wait_for(streaming.wait(), WAIT)
+        started = time.monotonic()
+        stopping = asyncio.create_task(front.server.shutdown(WAIT))
+        await asyncio.sleep(0.1)
+        finish.set()
+        answer = await _read_answer(reader)
+        assert answer.body == b"done"
+        assert await _closed(reader)
+        await asyncio.wait_for(stopping, WAIT)
+    assert time.monotonic() - started < 1.0  # not the whole timeout
+
+    streaming.clear()
+    finish.clear()
+    front2 = await serve(handler)
+    async with _connect(front2.port) as (reader, writer):
+        await _send(writer, _request("GET", "/never"))
+        await asyncio.wait_for(streaming.wait(), WAIT)
+        finish.set()
+        await front2.server.shutdown(0.3)
+    assert cancelled == ["/never"]
+    assert not front2.server.tasks
+
+
+async def test_an_expectation_other_than_100_continue_is_417(serve: Serve) -> None:
+    recorder = Recorder()
+    front = await serve(recorder)
+    answer, closed = await _exchange(front.port, _request("GET", "/", headers=["Expect: teapot"]))
+    assert (answer.status, _error_code(answer), closed) == (417, "expectation_failed", True)
+    assert recorder.seen == []
+
+
+async def test_http10_with_a_chunked_body_closes_after_the_answer(serve: Serve) -> None:
+    front = await serve(Recorder())
+    head = _request(
+        "POST",
+        "/c",
+        version="1.0",
+        headers=["Connection: keep-alive", "Transfer-Encoding: chunked"],
+        body=b"3\r\nabc\r\n0\r\n\r\n",
+    )
+    answer, closed = await _exchange(front.port, head)
+    assert (answer.status, answer.body, closed) == (200, b"POST /c 3", True)
+
+
+async def test_a_header_value_with_a_line_break_from_a_handler_is_a_500(serve: Serve) -> None:
+    async def handler(request: Request) -> None:
+        request.respond(200, {"X-Bad": "a\r\nInjected: 1"}, b"no")
+
+    front = await serve(handler)
+    answer, _ = await _exchange(front.port, _request("GET", "/"))
+    assert (answer.status, _error_code(answer)) == (500, "internal_error")
+    assert "Injected" not in answer.headers
+
+
+async def test_a_header_field_that_never_ends_is_431_near_its_own_limit(serve: Serve) -> None:
+    recorder = Recorder()
+    front = await serve(recorder, Limits(max_header_bytes=1000))
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, b"GET / HTTP/1.1\r\nHost: front.test\r\nX-Long: ")
+        for _ in range(2):  # 1,200 bytes of one value, far under the head's 32 x 1000
+            await asyncio.sleep(0.02)
+            await _send(writer, b"a" * 600)
+        answer = await _read_answer(reader)
+    assert (answer.status, _error_code(answer)) == (431, "request_head_too_large")
+    assert recorder.seen == []
