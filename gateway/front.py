@@ -678,6 +678,8 @@ class _Connection(asyncio.Protocol):
     def _maybe_resume(self) -> None:
         if not self._read_paused or self.lost or self._pending_error is not None:
             return
+        if self._write_paused:
+            return  # resume_writing comes back here
         parsing = self.parsing
         if len(self._queue) >= _PIPELINE_MAX or (
             parsing is not None and parsing._buffered > _BODY_HIGH
