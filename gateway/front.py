@@ -521,6 +521,11 @@ class _Connection(asyncio.Protocol):
             noted,
             parser.should_keep_alive(),
         )
+        hosts = len(noted.get(b"host", ()))
+        if hosts > 1 or (hosts == 0 and request.version == "1.1"):
+            # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in 1.0; two would let
+            # the gateway and the backend each believe another.
+            raise _HeadError(400, "bad_request", "a request needs exactly one Host header")
         if parser.should_upgrade() and request.body_exists:
             # llhttp hands what follows an upgrade's head to the other protocol: the body
             # would silently go missing, and the request be forwarded (and paid) without.

@@ -1045,3 +1045,24 @@ async def test_a_header_field_that_never_ends_is_431_near_its_own_limit(serve: S
         answer = await _read_answer(reader)
     assert (answer.status, _error_code(answer)) == (431, "request_head_too_large")
     assert recorder.seen == []
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/1.0\r\n\r\n", 200),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", 200),
+    ],
+    ids=["two-hosts", "no-host-1.1", "two-hosts-1.0", "no-host-1.0", "one-host"],
+)
+async def test_a_request_has_exactly_one_host(head: bytes, status: int, serve: Serve) -> None:
+    recorder = Recorder()
+    front = await serve(recorder)
+    answer, _ = await _exchange(front.port, head)
+    assert answer.status == status
+    if status == 400:
+        assert _error_code(answer) == "bad_request"
+        assert recorder.seen == []
