@@ -649,11 +649,12 @@ class _Connection(asyncio.Protocol):
             # A request whose body broke: drop it, it was never answered.
             with contextlib.suppress(ValueError):
                 self._queue.remove(self.parsing)
-        if self._active is not None:
-            if self.parsing is self._active:
+        if self._active is not None or self._queue:
+            if self.parsing is self._active and self._active is not None:
                 # Its body broke off in error: its handler sees ClientGone, and the
                 # connection closes after its answer.
                 self._active._break()
+            # Answered after the requests before it, in order (see _next).
             self.parsing = None
             self._pending_error = error
             return
