@@ -124,6 +124,9 @@ else
   end
   redis.call('HSET', KEYS[2], 'period_start', pstart, 'period_end', pend, 'used', cost, 'overage', overage)
 end
-redis.call('HINCRBY', KEYS[3], ARGV[6], cost)
-redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]))
+-- The day's hash gets its TTL when a route's count starts (that day's key is written
+-- only that day, so it lives TTL after the day), not again on every charge.
+if redis.call('HINCRBY', KEYS[3], ARGV[6], cost) == cost then
+  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[7]))
+end
 return {1, 0, new_used, included, reset, tier, pstart, overage, 0}
