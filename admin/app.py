@@ -226,7 +226,11 @@ async def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> None:
 async def _stop(task: asyncio.Task[Any] | None) -> None:
     if task is None:
         return
-    task.cancel()
+    # Cancelled again until it ends: a cancellation that lands inside redis-py (say, while
+    # it connects) can come out as a ConnectionError, which the loops catch and go on.
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1.0)
     with contextlib.suppress(asyncio.CancelledError):
         await task
 

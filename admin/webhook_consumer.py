@@ -114,6 +114,9 @@ class WebhookConsumer:
             except asyncio.CancelledError:
                 raise
             except RedisError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc  # a stop that redis-py turned
                 log.warning("webhook consumer: redis error: %s", exc)
                 await asyncio.sleep(1.0)
             except Exception:
