@@ -153,15 +153,34 @@ def _request_lines(
     return out, forwarded_for, via, connection
 
 
-def client_response_head(headers: RawHeaders, added: bytes = b"") -> bytes:
-    """The header block sent to the client: the backend's headers less hop-by-hop ones and
-    Content-Length (the gateway frames the body), with Via, a Date, and ``added`` lines."""
+def client_response_head(
+    headers: RawHeaders, added: bytes = b"", *, replace: frozenset[bytes] = frozenset()
+) -> bytes:
+    """The header block sent to the client: the backend's headers less hop-by-hop ones,
+    Content-Length (the gateway frames the body) and the ``replace`` names (lower-case),
+    with Via, a Date, and the ``added`` lines."""
+    drop = _RESPONSE_DROP | replace if replace else _RESPONSE_DROP
+    out, via, dated, connection = _response_lines(headers, drop)
+    if connection:
+        # Rare: the backend named headers to drop in Connection; filter once more.
+        out, via, dated, _ = _response_lines(headers, drop | _connection_tokens(headers))
+    out.append(_VIA_LINE if via is None else b"Via: %s\r\n" % _append(via, _VIA))
+    if not dated:
+        out.append(b"Date: %s\r\n" % http_date().encode())
+    out.append(added)
+    return b"".join(out)
+
+
+def _response_lines(
+    headers: RawHeaders, drop: frozenset[bytes]
+) -> tuple[list[bytes], list[bytes] | None, bool, bool]:
+    """The lines kept, the Via values, whether a Date was kept and Connection was set."""
     out = []
     via: list[bytes] | None = None
     dated = connection = False
     for name, value in headers:
         lower = name.lower()
-        if lower in _RESPONSE_DROP:
+        if lower in drop:
             connection = connection or lower == b"connection"
             continue
         if lower == b"via":
@@ -170,21 +189,7 @@ def client_response_head(headers: RawHeaders, added: bytes = b"") -> bytes:
         if lower == b"date":
             dated = True
         out.append(b"%s: %s\r\n" % (name, value))
-    if connection:
-        # Rare: the backend named headers to drop in Connection; filter once more.
-        tokens = _connection_tokens(headers)
-        out = [
-            b"%s: %s\r\n" % (name, value)
-            for name, value in headers
-            if (lower := name.lower()) not in _RESPONSE_DROP
-            and lower not in tokens
-            and lower != b"via"
-        ]
-    out.append(_VIA_LINE if via is None else b"Via: %s\r\n" % _append(via, _VIA))
-    if not dated:
-        out.append(b"Date: %s\r\n" % http_date().encode())
-    out.append(added)
-    return b"".join(out)
+    return out, via, dated, connection
 
 
 def _connection_tokens(headers: RawHeaders) -> frozenset[bytes]:

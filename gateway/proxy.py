@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 _SMALL = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 _CANONICAL_CACHE = 4096
+_CANONICAL_TARGET_MAX = 256
 _ACCOUNT = hdr.ACCOUNT.encode()
 _ROLE_ADMIN = hdr.header_line(hdr.ROLE.encode(), "admin")
 _TIER = hdr.TIER.encode()
@@ -86,33 +87,34 @@ class Proxy:
         self._upstream_prefixes = {
             n: (urlsplit(u.url).path or "").rstrip("/") for n, u in config.upstreams.items()
         }
-        self._allowed_tiers = {
-            r.name: f",{','.join(r.tiers)}," if r.tiers else "" for r in self._table.routes
-        }
         self._upgrade = _upgrade_hints(config)
         # Raw target -> (canonical path, query): clients repeat the same few targets.
         self._canonical: dict[str, tuple[str, str]] = {}
-        # The X-Metergate-* lines by account, tier and route, encoded and checked once.
+        # The X-Metergate-* lines by account, tier and cost, encoded and checked once.
         self._header_lines: dict[str, bytes] = {}
         self._tier_lines: dict[str, bytes] = {}
         self._units_lines = {
-            r.name: hdr.header_line(_UNITS, str(r.cost)) for r in self._table.routes
+            r.cost: hdr.header_line(_UNITS, str(r.cost)) for r in self._table.routes
         }
 
     async def handle(self, request: Request) -> None:
         started = time.perf_counter()
         target = request.raw_path
         canonical = self._canonical.get(target)
+        cached = canonical is not None
         if canonical is None:
             try:
                 canonical = canonicalize(target)
             except BadPath as exc:
                 return self._error(request, self._unmatched, started, 400, "bad_path", str(exc))
+        path, query = canonical
+        match = self._table.match(request.method, path)
+        if not cached and len(target) <= _CANONICAL_TARGET_MAX and isinstance(match, PricedRoute):
+            # Only short targets of real routes: a flood of long or unknown ones must not
+            # fill memory (4096 x 8 KB) or push the useful ones out.
             if len(self._canonical) >= _CANONICAL_CACHE:
                 self._canonical.clear()
             self._canonical[target] = canonical
-        path, query = canonical
-        match = self._table.match(request.method, path)
         if match is None:
             return self._error(
                 request, self._unmatched, started, 404, "route_not_found", f"no route for {path}"
@@ -158,7 +160,7 @@ class Proxy:
         if claims is not None and (route.cost or route.tiers) and self._store is not None:
             try:
                 decision = await self._store.charge(
-                    claims.sub, route.name, route.cost, self._allowed_tiers[route.name]
+                    claims.sub, route.name, route.cost, route.allowed_tiers
                 )
             except QuotaStoreUnavailable as exc:
                 metrics.REDIS_ERRORS.labels("charge").inc()
@@ -198,7 +200,7 @@ class Proxy:
         tier = self._tier_lines.get(decision.tier)
         if tier is None:
             tier = self._tier_lines[decision.tier] = hdr.header_line(_TIER, decision.tier)
-        return account + tier + self._units_lines[route.name]
+        return account + tier + self._units_lines[route.cost]
 
     def _error(
         self,
@@ -387,10 +389,15 @@ class Proxy:
         refund: Callable[[str], Awaitable[None]],
     ) -> None:
         status = upstream_resp.status
-        added = b""
         if decision is not None:
-            added = _ratelimit_lines(decision, self._clock())
-        headers = hdr.client_response_head(upstream_resp.raw_headers, added)
+            # The gateway's quota fields replace any the backend sent under those names.
+            headers = hdr.client_response_head(
+                upstream_resp.raw_headers,
+                _ratelimit_lines(decision, self._clock()),
+                replace=_RATELIMIT_NAMES,
+            )
+        else:
+            headers = hdr.client_response_head(upstream_resp.raw_headers)
         no_body = request.method == "HEAD" or status in _NO_BODY_STATUSES
         length = upstream_resp.content_length
         if not no_body and length is not None and length <= _SMALL:
@@ -457,6 +464,7 @@ class Proxy:
 _POLICY = '"monthly";q=%d;w=%d;qu="units"'
 _STATE = '"monthly";r=%d;t=%d'
 _RATELIMIT_LINES = f"RateLimit-Policy: {_POLICY}\r\nRateLimit: {_STATE}\r\n".encode()
+_RATELIMIT_NAMES = frozenset({b"ratelimit", b"ratelimit-policy"})
 
 
 def _ratelimit_numbers(decision: Decision, now: float) -> tuple[int, int, int, int]:

@@ -78,6 +78,9 @@ class PricedRoute:
     upstream: Upstream
     public: bool
     tiers: tuple[str, ...] | None
+    # The tiers as charge.lua takes them (",pro,enterprise,"; "" for any). Kept on the
+    # route: two routes may share a path (name) for different methods and tiers.
+    allowed_tiers: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,4 +136,5 @@ def _priced(route: Route, config: Config) -> PricedRoute:
         upstream=config.upstreams[route.upstream],
         public=route.public,
         tiers=route.tiers,
+        allowed_tiers=f",{','.join(route.tiers)}," if route.tiers else "",
     )

@@ -213,6 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
             raise ResponseError("data after the response")
         self.raw_headers = []
         self.content_length = None
+        self.reason = ""  # not an interim answer's ("200 Early Hints")
         self._te = None
         self._has_length = False
 

@@ -314,6 +314,35 @@ tiers = ["pro", "enterprise"]
     assert (await _usage(redis_client, "acct-pro-user"))["used"] == 4
 
 
+async def test_routes_sharing_a_path_keep_their_own_tiers_and_cost(
+    start_upstream, start_gateway, redis_client: redis.Redis, clock: Clock
+) -> None:
+    # One path, two routes: a later one for another method must not lift the first's
+    # tier restriction, nor tell the backend its cost.
+    extra = """
+[[routes]]
+path = "/reports"
+methods = ["GET"]
+cost = 10
+tiers = ["pro"]
+
+[[routes]]
+path = "/reports"
+methods = ["POST"]
+cost = 1
+"""
+    gateway = await start_gateway(await _upstream_config(start_upstream, extra))
+    status, body, _ = await _get(gateway, "/reports", "acct-free-reports")
+    assert (status, body["error"]["code"]) == (403, "tier_not_allowed")
+
+    await _write_plan(redis_client, "acct-pro-reports", clock)
+    status, body, _ = await _get(gateway, "/reports", "acct-pro-reports")
+    assert status == 200
+    seen = {k.lower(): v for k, v in body["headers"]}
+    assert seen["x-metergate-units"] == "10"
+    assert (await _usage(redis_client, "acct-pro-reports"))["used"] == 10
+
+
 @pytest.mark.parametrize("coalesce", [True, False], ids=["coalesced", "one-by-one"])
 async def test_more_concurrent_charges_than_redis_connections_all_get_decided(
     coalesce: bool, redis_url: str, redis_client: redis.Redis, clock: Clock

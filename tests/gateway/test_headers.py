@@ -78,3 +78,42 @@ def test_the_response_block_drops_framing_and_hop_by_hop_and_adds_via_and_date()
     assert lines[3:] == [b"RateLimit: x", b""]
     dated = hdr.client_response_head([(b"Date", b"Tue, 01 Dec 2026 00:00:00 GMT")])
     assert dated.count(b"Date: ") == 1
+
+
+def test_a_date_named_in_connection_is_replaced_by_the_gateways() -> None:
+    block = hdr.client_response_head(
+        [(b"Date", b"Tue, 01 Dec 2026 00:00:00 GMT"), (b"Connection", b"date")]
+    )
+    assert b"Tue, 01 Dec 2026" not in block
+    assert block.count(b"Date: ") == 1
+
+
+def test_replaced_names_leave_only_the_added_lines() -> None:
+    block = hdr.client_response_head(
+        [(b"RateLimit", b"backend"), (b"ratelimit-policy", b"backend")],
+        b"RateLimit: gateway\r\n",
+        replace=frozenset({b"ratelimit", b"ratelimit-policy"}),
+    )
+    assert b"backend" not in block
+    assert block.endswith(b"RateLimit: gateway\r\n")
+
+
+def test_hops_named_in_connection_or_without_a_client_address_are_not_forwarded() -> None:
+    # Connection may name X-Forwarded-For or Via: the earlier hops go, ours stays; and
+    # with no client address the client's own X-Forwarded-For is not passed on as ours.
+    raw = [(b"Connection", b"X-Forwarded-For, Via"), (b"X-Forwarded-For", b"6.6.6.6")]
+    raw += [(b"Via", b"1.0 evil")]
+    block = hdr.upstream_request_head(
+        raw, keep_authorization=False, client_ip=b"10.0.0.1", scheme="http", host=None
+    )
+    assert b"6.6.6.6" not in block
+    assert b"evil" not in block
+    assert b"X-Forwarded-For: 10.0.0.1\r\n" in block
+    alone = hdr.upstream_request_head(
+        [(b"X-Forwarded-For", b"6.6.6.6")],
+        keep_authorization=False,
+        client_ip=None,
+        scheme="http",
+        host=None,
+    )
+    assert b"X-Forwarded-For" not in alone

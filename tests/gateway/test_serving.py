@@ -14,6 +14,7 @@ import redis.asyncio as redis
 from aiohttp import web
 
 from gateway import keys
+from gateway.app import PROXY
 from tests.conftest import auth, echo, load_test_config, replace_section
 
 UPLOAD = """
@@ -179,3 +180,31 @@ async def test_the_access_log_is_silent_when_off(
         async with session.get(gateway.make_url("/signals"), headers=auth("acct-q")) as resp:
             assert resp.status == 200
     assert [r for r in caplog.records if r.name == "metergate.access"] == []
+
+
+async def test_the_backends_ratelimit_fields_are_replaced_by_the_gateways(
+    start_upstream, start_gateway
+) -> None:
+    async def limited(request: web.Request) -> web.Response:
+        fields = {"RateLimit": '"backend";r=1;t=1', "RateLimit-Policy": '"backend";q=1'}
+        return web.json_response({}, headers=fields)
+
+    upstream = await start_upstream({"/{tail:.*}": limited})
+    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-rl2")) as resp:
+            assert resp.status == 200
+            states = resp.headers.getall("RateLimit")
+            policies = resp.headers.getall("RateLimit-Policy")
+    assert len(states) == 1 and states[0].startswith('"monthly";r=')
+    assert len(policies) == 1 and policies[0].startswith('"monthly";q=')
+
+
+async def test_only_short_targets_of_known_routes_are_cached(start_upstream, start_gateway) -> None:
+    gateway = await start_gateway(await _config(start_upstream))
+    long_query = "/signals?q=" + "a" * 300
+    async with aiohttp.ClientSession() as session:
+        for target in ("/signals?x=1", "/nowhere", long_query, "/signals?x=1"):
+            async with session.get(gateway.make_url(target), headers=auth("acct-cache")):
+                pass
+    assert set(gateway.runner.app[PROXY]._canonical) == {"/signals?x=1"}
