@@ -258,6 +258,9 @@ def _validate_routes(config: Config) -> None:
             raise ConfigError(f"{key}.cost: a public route cannot cost units (no account)")
         if route.public and route.tiers:
             raise ConfigError(f"{key}.tiers: a public route has no account to check a tier of")
+        limit = config.limits.max_request_body_bytes
+        if route.max_body_bytes is not None and route.max_body_bytes > limit:
+            raise ConfigError(f"{key}.max_body_bytes: over limits.max_request_body_bytes ({limit})")
         if route.tiers and not config.metering.enabled:
             raise ConfigError(f"{key}.tiers: needs metering.enabled (the tier lives in Redis)")
         for other_index, other, other_pattern in seen:

@@ -68,6 +68,10 @@ class Route(_Frozen, frozen=True):
     public: bool = False
     # Only these tiers may call the route (None: every tier); others get 403.
     tiers: tuple[str, ...] | None = None
+    # This route's own request body limit, at most limits.max_request_body_bytes (413
+    # beyond). Up to 64 KiB the body is read whole before a backend connection is taken,
+    # so a slow upload holds no backend connection: meant for public routes (webhooks).
+    max_body_bytes: Annotated[int, msgspec.Meta(ge=0, lt=2**53)] | None = None
 
 
 class Auth(_Frozen, frozen=True):

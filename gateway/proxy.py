@@ -80,7 +80,6 @@ class Proxy:
         self._failopen = failopen
         self._clock = clock
         self._refund_statuses = frozenset(config.metering.refund_statuses)
-        self._max_body = config.limits.max_request_body_bytes
         self._client_timeout = config.limits.client_body_timeout_seconds
         self._route_metrics = {r.name: metrics.RouteMetrics(r.name) for r in self._table.routes}
         self._unmatched = metrics.RouteMetrics("(unmatched)")
@@ -132,9 +131,9 @@ class Proxy:
         route = match
         rm = self._route_metrics[route.name]
         length = request.content_length
-        if length is not None and length > self._max_body:
+        if length is not None and length > route.max_body:
             metrics.DENIALS.labels("body_too_large").inc()
-            message = f"request body over {self._max_body} bytes"
+            message = f"request body over {route.max_body} bytes"
             return self._error(request, rm, started, 413, "body_too_large", message)
 
         claims: Claims | None = None
@@ -313,14 +312,17 @@ class Proxy:
                 # for: a refused request never has its upload sent.
                 request.send_continue()
                 length = request.content_length
-                if length is not None and length <= _SMALL:
+                if (length is not None and length <= _SMALL) or route.max_body <= _SMALL:
+                    # Read whole before a backend connection is taken: a slow upload
+                    # holds none. A chunked one is held to the route's limit as it comes.
                     try:
                         async with asyncio.timeout(self._client_timeout):
-                            data = await request.read()
+                            parts = [c async for c in self._body(request, route.max_body)]
                     except TimeoutError:
                         raise _ClientStalled from None
+                    data = b"".join(parts)
                 else:
-                    data = self._body(request)
+                    data = self._body(request, route.max_body)
                     streamed_length = length
             upstream_resp = await self._pools[route.upstream_name].request(
                 request.method, target, out_head, data, length=streamed_length
@@ -361,7 +363,7 @@ class Proxy:
         finally:
             upstream_resp.release()
 
-    async def _body(self, request: Request) -> AsyncIterator[bytes]:
+    async def _body(self, request: Request, limit: int) -> AsyncIterator[bytes]:
         seen = 0
         timeout = self._client_timeout
         while True:
@@ -375,7 +377,7 @@ class Proxy:
             if not chunk:
                 return
             seen += len(chunk)
-            if seen > self._max_body:
+            if seen > limit:
                 raise _BodyTooLarge
             yield chunk
 

@@ -81,6 +81,8 @@ class PricedRoute:
     # The tiers as charge.lua takes them (",pro,enterprise,"; "" for any). Kept on the
     # route: two routes may share a path (name) for different methods and tiers.
     allowed_tiers: str = ""
+    # The request body limit: the route's own, else limits.max_request_body_bytes.
+    max_body: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,4 +139,9 @@ def _priced(route: Route, config: Config) -> PricedRoute:
         public=route.public,
         tiers=route.tiers,
         allowed_tiers=f",{','.join(route.tiers)}," if route.tiers else "",
+        max_body=(
+            config.limits.max_request_body_bytes
+            if route.max_body_bytes is None
+            else route.max_body_bytes
+        ),
     )

@@ -29,6 +29,7 @@ EXPECTED = {
     "duplicate_refund_status": "metering.refund_statuses",
     "duplicate_route": "routes[3].path",
     "empty_tiers": "routes[2].tiers",
+    "route_body_over_limit": "routes[2].max_body_bytes",
     "free_tier_overage": "tiers.free.overage_unit_price_usd",
     "included_units_huge": "tiers.pro.included_units",
     "leeway_huge": "auth.leeway_seconds",
@@ -83,6 +84,7 @@ def test_bad_config_is_refused_in_one_line_naming_the_key(name: str) -> None:
         ("unknown_upstream", "'exports'"),
         ("negative_cost", ">= 0"),
         ("reserved_path", "/metrics"),
+        ("route_body_over_limit", "over limits.max_request_body_bytes (1000)"),
     ],
 )
 def test_message_says_what_is_wrong(name: str, detail: str) -> None:

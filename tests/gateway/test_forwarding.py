@@ -452,6 +452,66 @@ async def test_stalled_uploads_get_408_refunded_and_free_their_backend_connectio
         assert await _used(redis_client, f"acct-stall-{n}") == 0
 
 
+HOOK_ROUTE = """
+[[routes]]
+path = "/hooks"
+methods = ["POST"]
+public = true
+max_body_bytes = 100
+"""
+
+
+async def test_a_route_body_limit_is_413_for_a_length_and_for_a_chunked_body(
+    start_upstream, start_gateway
+) -> None:
+    seen: list[int] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        seen.append(len(await request.read()))
+        return web.json_response({})
+
+    upstream = await start_upstream({"/hooks": hook, "/{tail:.*}": echo})
+    gateway = await start_gateway(load_test_config(str(upstream.make_url("")), extra=HOOK_ROUTE))
+    async with aiohttp.ClientSession() as session:
+        url = gateway.make_url("/hooks")
+        async with session.post(url, data=b"x" * 100) as resp:
+            assert resp.status == 200
+        async with session.post(url, data=b"x" * 101) as resp:
+            assert (resp.status, (await resp.json())["error"]["code"]) == (413, "body_too_large")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield b"x" * 50
+
+        async with session.post(url, data=chunks()) as resp:
+            assert (resp.status, (await resp.json())["error"]["code"]) == (413, "body_too_large")
+    assert seen == [100]
+
+
+async def test_a_slow_upload_to_a_small_limit_route_holds_no_backend_connection(
+    start_upstream, start_gateway
+) -> None:
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    config = load_test_config(str(upstream.make_url("")), extra=HOOK_ROUTE)
+    gateway = await start_gateway(_tight(config, max_connections=1))
+    # A chunked upload that stalls after its first chunk: read into the gateway, never
+    # forwarded piecemeal, so the only backend connection stays free for others.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(
+        b"POST /hooks HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    await asyncio.sleep(0.1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-hook")) as resp:
+            assert resp.status == 200
+    assert loop.time() - started < 0.4
+    answer = await asyncio.wait_for(reader.read(), 5)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    writer.close()
+
+
 async def test_a_client_that_stops_reading_is_dropped_and_frees_the_backend(
     start_upstream, start_gateway, redis_client: redis.Redis
 ) -> None:
