@@ -53,10 +53,6 @@ class FailOpenLedger:
             self._tally.pop(key, None)
         return True
 
-    @property
-    def pending_units(self) -> int:
-        return sum(self._tally.values())
-
     async def flush(self) -> bool:
         """Write the tally to the stream; keep it when Redis is still down."""
         if not self._tally:

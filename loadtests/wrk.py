@@ -69,10 +69,6 @@ class WrkResult:
     def rps(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
 
-    @property
-    def error_count(self) -> int:
-        return sum(self.errors.values())
-
 
 def find_wrk() -> str | None:
     return shutil.which("wrk")
