@@ -70,6 +70,9 @@ _REQUEST_DROP_B = frozenset(h.encode() for h in _REQUEST_DROP) | {b"content-leng
 _REQUEST_DROP_NO_AUTH = _REQUEST_DROP_B | {b"authorization"}
 _UNDERSCORE_DROP_B = frozenset(h.encode() for h in _UNDERSCORE_DROP)
 _RESPONSE_DROP = _HOP_BY_HOP | {b"content-length"}
+# The drop set for each ``replace`` set a caller passes (a handful of constants): no union
+# of sets per answer.
+_response_drops: dict[frozenset[bytes], frozenset[bytes]] = {frozenset(): _RESPONSE_DROP}
 _VIA = VIA.encode()
 
 RawHeaders = Sequence[tuple[bytes, bytes]]
@@ -159,7 +162,9 @@ def client_response_head(
     """The header block sent to the client: the backend's headers less hop-by-hop ones,
     Content-Length (the gateway frames the body) and the ``replace`` names (lower-case),
     with Via, a Date, and the ``added`` lines."""
-    drop = _RESPONSE_DROP | replace if replace else _RESPONSE_DROP
+    drop = _response_drops.get(replace)
+    if drop is None:
+        drop = _response_drops[replace] = _RESPONSE_DROP | replace
     out, via, dated, connection = _response_lines(headers, drop)
     if connection:
         # Rare: the backend named headers to drop in Connection; filter once more.

@@ -471,11 +471,15 @@ _RATELIMIT_NAMES = frozenset({b"ratelimit", b"ratelimit-policy"})
 
 def _ratelimit_numbers(decision: Decision, now: float) -> tuple[int, int, int, int]:
     """Quota, window, remaining and seconds to reset, as the two fields carry them."""
+    # On every metered answer: plain comparisons, not max() calls.
+    included, reset = decision.included, decision.reset_seconds
+    window = int(now) + reset - decision.period_start
+    remaining = included - decision.used
     return (
-        decision.included,
-        max(0, int(now) + decision.reset_seconds - decision.period_start),
-        max(0, decision.included - decision.used),
-        max(0, decision.reset_seconds),
+        included,
+        window if window > 0 else 0,
+        remaining if remaining > 0 else 0,
+        reset if reset > 0 else 0,
     )
 
 
