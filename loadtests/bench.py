@@ -4,7 +4,9 @@ One run on one machine starts a private redis-server, a minimal backend and, one
 the other, each system in its own process(es); drives each with wrk at the same
 concurrency and duration; and reports requests per second, latency percentiles and CPU
 microseconds per request (the proxy's own processes, read from /proc: the figure that
-stays stable on a shared machine). Every run is checked: all answers 200, and for the
+stays stable on a shared machine). It goes through all systems ``--rounds`` times (3 by
+default), each system started afresh each time, and reports each figure's median over
+the rounds, with the spread of CPU per request. Every run is checked: all answers 200, and for the
 metering systems the units in Redis equal exactly the requests the backend served times
 their routes' costs. Prints a markdown table with the issue's targets and writes JSON.
 
@@ -45,7 +47,7 @@ from gateway.embedded_redis import EmbeddedRedis
 from gateway.routing import PricedRoute, RouteTable
 from loadtests import systems, wrk
 from loadtests.procs import Child, cpu_seconds, free_port, pin, wait_http
-from loadtests.report import Result, evaluate_targets, render, scaling_rows
+from loadtests.report import Result, evaluate_targets, median_result, render, scaling_rows
 from loadtests.systems import Environment, System
 
 # One request of each priced route in turn; the backend answers all of them alike.
@@ -65,7 +67,10 @@ class Snapshot:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     wrk_bin = wrk.find_wrk()
     if wrk_bin is None:
         print(f"bench: wrk is not installed; install it with `{wrk.INSTALL_HINT}`", file=sys.stderr)
@@ -107,16 +112,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 env = Environment(backend_port, server.url, secrets.token_hex(32), work)
                 client = redis.Redis.from_url(server.url)
                 bench = _Bench(args, env, client, backend, routes, wrk_bin)
-                results = []
-                failed = []
-                for index, system in enumerate(chosen, 1):
-                    print(f"[{index}/{len(chosen)}] {system.name}: {system.label}", file=sys.stderr)
-                    try:
-                        results.append(bench.measure(system))
-                    except RuntimeError as exc:
-                        # One system that cannot start must not cost the others' figures.
-                        print(f"bench: {system.name} skipped: {exc}", file=sys.stderr)
-                        failed.append(system.name)
+                rounds: dict[str, list[Result]] = {s.name: [] for s in chosen}
+                failed: list[str] = []
+                # Round after round through all systems, so a slow spell of a shared
+                # machine touches every system alike, and the median drops one-off runs.
+                for round_no in range(1, args.rounds + 1):
+                    for index, system in enumerate(chosen, 1):
+                        if system.name in failed:
+                            continue
+                        print(
+                            f"[round {round_no}/{args.rounds}] [{index}/{len(chosen)}] "
+                            f"{system.name}: {system.label}",
+                            file=sys.stderr,
+                        )
+                        try:
+                            rounds[system.name].append(bench.measure(system, round_no))
+                        except RuntimeError as exc:
+                            # One system that cannot start must not cost the others' figures.
+                            print(f"bench: {system.name} skipped: {exc}", file=sys.stderr)
+                            failed.append(system.name)
+                results = [median_result(runs) for runs in rounds.values() if runs]
             finally:
                 backend.stop()
 
@@ -156,8 +171,10 @@ class _Bench:
         self.routes = routes
         self.wrk_bin = wrk_bin
 
-    def measure(self, system: System) -> Result:
-        accounts = [f"bench-{system.name}-{i}" for i in range(self.args.accounts)]
+    def measure(self, system: System, round_no: int = 1) -> Result:
+        # Fresh accounts each round: their plans' periods start now, and an account charged
+        # in an earlier round would start a new period, its count from zero.
+        accounts = [f"bench-{system.name}-r{round_no}-{i}" for i in range(self.args.accounts)]
         write_plans(self.redis, accounts)
         tokens = [issue_token(self.env.secret, a, ttl=3600) for a in accounts]
         script = self.env.work_dir / f"{system.name}.lua"
@@ -290,6 +307,7 @@ class _Bench:
             round_trips = batches / n
             charges = after.batched_charges - before.batched_charges
             mean_batch = charges / batches if batches else 0.0
+        cpu_us = (after.cpu_s - before.cpu_s) / n * 1e6
         return Result(
             system=system.name,
             label=system.label,
@@ -304,7 +322,9 @@ class _Bench:
             requests_wrk=run.requests,
             requests_warmup=warm.requests,
             requests_served=sum(served_run.values()),
-            cpu_us_per_req=(after.cpu_s - before.cpu_s) / n * 1e6,
+            cpu_us_per_req=cpu_us,
+            cpu_us_min=cpu_us,
+            cpu_us_max=cpu_us,
             backend_cpu_us_per_req=(after.backend_cpu_s - before.backend_cpu_s) / n * 1e6,
             redis_cpu_us_per_req=(after.redis_cpu_s - before.redis_cpu_s) / n * 1e6,
             evalsha_per_req=evalsha / n if system.metering else None,
@@ -414,6 +434,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds (default 2)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="runs of every system, interleaved; each figure is their median (default 3)",
+    )
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     p.add_argument("--accounts", type=int, default=8, help="accounts the load rotates over")

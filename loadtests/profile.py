@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import redis
@@ -35,17 +36,15 @@ from loadtests.procs import Child, free_port, wait_http
 _STEPS = {
     "Proxy.handle": "gateway: whole request handler",
     "TokenVerifier.verify_header": "gateway: JWT (cached)",
-    "RedisQuotaStore.charge": "gateway: charge (build args, await decision)",
-    "RedisQuotaStore._send": "gateway: pipelined Redis write + reply parsing",
+    "RedisQuotaStore.charge": "gateway: charge (encode, await decision)",
+    "RedisPipe.send": "gateway: pipelined Redis write",
     "Proxy._forward": "gateway: forward (client request + relay)",
-    "ClientSession._request": "aiohttp client: request",
+    "UpstreamPool.request": "gateway: backend request",
     "Proxy._relay": "gateway: relay the answer",
-    "upstream_request_headers": "gateway: request header rewrite",
-    "client_response_headers": "gateway: response header rewrite",
+    "upstream_request_head": "gateway: request header rewrite",
+    "client_response_head": "gateway: response header rewrite",
     "RouteMetrics.request": "metrics: request counter",
     "canonicalize": "gateway: path canonicalization",
-    "RequestHandler._handle_request": "aiohttp server: handler dispatch",
-    "RequestHandler.start": "aiohttp server: connection loop",
 }
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -59,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--rate", type=int, default=100, help="samples per second")
     parser.add_argument("--native", action="store_true", help="include C frames")
+    parser.add_argument(
+        "--no-metering", action="store_true", help="profile metergate with metering off"
+    )
     args = parser.parse_args(argv)
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     wrk_bin = wrk.find_wrk()
@@ -84,15 +86,21 @@ def main(argv: list[str] | None = None) -> int:
                 script = work / "profile.lua"
                 tokens = [issue_token(env.secret, a, ttl=3600) for a in accounts]
                 wrk.write_script(script, BENCH_PATHS, tokens)
-                child, port = systems.start(systems.metergate(args.workers), env)
+                system = systems.metergate(args.workers)
+                if args.no_metering:
+                    system = replace(system, metering=False)
+                child, port = systems.start(system, env)
                 assert child is not None
                 try:
-                    _record(pyspy, wrk_bin, child.pid, port, script, raw, args)
+                    rate = _record(pyspy, wrk_bin, child.pid, port, script, raw, args)
                 finally:
                     child.stop()
             finally:
                 backend.stop()
-        print(summarize(raw.read_text(), args.top))
+        # py-spy samples the process only while it runs, so samples / rate / requests is
+        # CPU per request, comparable between two profiles (metering on and off, say).
+        print(f"{rate:,.0f} requests/s under load")
+        print(summarize(raw.read_text(), args.top, us_per_sample=1e6 / args.rate / rate))
     return 0
 
 
@@ -104,11 +112,20 @@ def _record(
     script: Path,
     raw: Path,
     args: argparse.Namespace,
-) -> None:
+) -> float:
+    """Record while wrk runs; the requests per second wrk measured over its whole run."""
+    results: list[wrk.WrkResult] = []
     load = threading.Thread(
-        target=wrk.run,
-        args=(wrk_bin, f"http://127.0.0.1:{port}", script),
-        kwargs={"seconds": args.seconds + 4, "connections": args.connections, "threads": 2},
+        target=lambda: results.append(
+            wrk.run(
+                wrk_bin,
+                f"http://127.0.0.1:{port}",
+                script,
+                seconds=args.seconds + 4,
+                connections=args.connections,
+                threads=2,
+            )
+        )
     )
     load.start()
     time.sleep(2)  # warm: connections open, token cache filled, scripts loaded
@@ -120,9 +137,10 @@ def _record(
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     load.join()
+    return results[0].rps if results else 0.0
 
 
-def summarize(raw: str, top: int = 25) -> str:
+def summarize(raw: str, top: int = 25, us_per_sample: float = 0.0) -> str:
     """Self time by function and by module, and inclusive time of the gateway's steps."""
     self_time: Counter[str] = Counter()
     by_module: Counter[str] = Counter()
@@ -142,13 +160,19 @@ def summarize(raw: str, top: int = 25) -> str:
             inclusive[step] += count
     if not total:
         return "no samples"
+
+    def share(n: int) -> str:
+        # With the request rate known, also CPU µs per request.
+        per_request = f" {n * us_per_sample:6.2f} µs" if us_per_sample else ""
+        return f"  {n / total:6.1%}{per_request}"
+
     lines = [f"{total} samples", "", f"Top {top} functions by self time:"]
-    lines += [f"  {n / total:6.1%}  {name}" for name, n in self_time.most_common(top)]
+    lines += [f"{share(n)}  {name}" for name, n in self_time.most_common(top)]
     lines += ["", "Self time by module:"]
-    lines += [f"  {n / total:6.1%}  {name}" for name, n in by_module.most_common(top)]
+    lines += [f"{share(n)}  {name}" for name, n in by_module.most_common(top)]
     lines += ["", "Inclusive time of the request's steps:"]
     lines += [
-        f"  {inclusive[step] / total:6.1%}  {step}  ({what})"
+        f"{share(inclusive[step])}  {step}  ({what})"
         for step, what in sorted(_STEPS.items(), key=lambda kv: -inclusive[kv[0]])
     ]
     return "\n".join(lines)

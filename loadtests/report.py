@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 # The targets of the performance issue, as ratios from one run.
@@ -41,6 +42,64 @@ class Result:
     check_ok: bool
     problems: list[str] = field(default_factory=list)
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # Over the rounds this result sums up: their count and the lowest and highest CPU/req.
+    rounds: int = 1
+    cpu_us_min: float = 0.0
+    cpu_us_max: float = 0.0
+
+
+# Figures of one run that are rates or latencies: a combined result takes their median.
+_MEDIAN_FIELDS = (
+    "rps",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "max_ms",
+    "cpu_us_per_req",
+    "backend_cpu_us_per_req",
+    "redis_cpu_us_per_req",
+    "evalsha_per_req",
+    "round_trips_per_req",
+    "mean_batch",
+)
+# Counts: a combined result holds their sums.
+_SUM_FIELDS = (
+    "requests_wrk",
+    "requests_warmup",
+    "requests_served",
+    "units_expected",
+    "units_charged",
+)
+
+
+def median_result(runs: Sequence[Result]) -> Result:
+    """One system's rounds as one result: median figures, summed counts, every check kept."""
+    if not runs:
+        raise ValueError("no runs to combine")
+    medians: dict[str, Any] = {}
+    for name in _MEDIAN_FIELDS:
+        values = [getattr(r, name) for r in runs]
+        medians[name] = None if None in values else statistics.median(values)
+    sums = {name: sum(getattr(r, name) for r in runs) for name in _SUM_FIELDS}
+    errors: dict[str, int] = {}
+    for r in runs:
+        for kind, count in r.errors.items():
+            errors[kind] = errors.get(kind, 0) + count
+    cpu = [r.cpu_us_per_req for r in runs]
+    problems = [
+        f"round {i}: {p}" if len(runs) > 1 else p for i, r in enumerate(runs, 1) for p in r.problems
+    ]
+    return replace(
+        runs[0],
+        **medians,
+        **sums,
+        errors=errors,
+        check_ok=all(r.check_ok for r in runs),
+        problems=problems,
+        rounds=len(runs),
+        cpu_us_min=min(cpu),
+        cpu_us_max=max(cpu),
+    )
 
 
 Target = dict[str, Any]
@@ -136,20 +195,23 @@ def render(
         f"Python {machine['python']}; wrk -t{settings['threads']} -c{settings['connections']}, "
         f"{settings['duration']:g} s after a {settings['warmup']:g} s warm-up, "
         f"{settings['accounts']} accounts x 4 priced routes; commit {machine['commit']}.",
+        f"Each figure is the median of {settings.get('rounds', 1)} rounds through all systems "
+        "(each started afresh every round); CPU spread: the lowest and highest round.",
         (
             "One-process systems ran alone on CPU 0; wrk, the backend and Redis on the others."
             if settings.get("pin")
             else "Every process could run on any CPU (not pinned)."
         ),
         "",
-        "| System | req/s | p50 ms | p99 ms | CPU µs/req | vs yardstick | vs nginx "
-        "| EVALSHA/req | Redis RT/req | Redis µs/req | check |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| System | req/s | p50 ms | p99 ms | CPU µs/req | CPU spread | vs yardstick "
+        "| vs nginx | EVALSHA/req | Redis RT/req | Redis µs/req | check |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.system} ({r.label}) | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} "
-            f"| {r.cpu_us_per_req:.1f} | {_ratio(r, yard)} | {_ratio(r, nginx)} "
+            f"| {r.cpu_us_per_req:.1f} | {r.cpu_us_min:.1f}-{r.cpu_us_max:.1f} "
+            f"| {_ratio(r, yard)} | {_ratio(r, nginx)} "
             f"| {_num(r.evalsha_per_req, 2)} | {_num(r.round_trips_per_req, 3)} "
             f"| {_num(r.redis_cpu_us_per_req if r.metering else None, 1)} "
             f"| {'OK' if r.check_ok else 'FAIL'} |"
