@@ -1,13 +1,17 @@
 """The Redis quota store: one Lua script decides and charges, coalesced per loop iteration.
 
-Charges that arrive in the same event-loop iteration are sent as one pipelined write of
-EVALSHA calls (one per charge, each atomic on its own account's slot), so under load the
-round trips per request fall well below one while every decision stays exact.
+Charges that arrive in the same event-loop iteration leave in one pipelined write, as one
+call of charge.lua carrying all of them (up to _MAX_BATCH a call): Redis runs the script
+once for the lot instead of once per request, and each charge is still decided on its
+own, in order, atomically. So under load the round trips per request fall well below one
+while every decision stays exact. Refunds ride along in the same write. Through redis-py
+(a cluster, TLS, RESP3), each call carries one charge: a cluster call keeps to one slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -37,6 +41,9 @@ _KEY_CACHE_SIZE = 4096
 # free connection, it fails; each batch holds at most one connection per node, so this
 # stays below the per-node pool (create_client's 64) with room for pings and flushes.
 _MAX_INFLIGHT = 48
+# Charges in one script call at most: a call runs alone in Redis, so a burst of thousands
+# is cut into calls that each hold it well under a millisecond or two.
+_MAX_BATCH = 128
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +81,15 @@ class _Call:
         self.sha, self.source, self.args, self.future = sha, source, args, future
 
 
+class _Charge:
+    """A charge waiting for the next batch: who, what, and who waits for the decision."""
+
+    __slots__ = ("account", "future", "route_args")
+
+    def __init__(self, account: str, route_args: bytes, future: asyncio.Future[Decision]) -> None:
+        self.account, self.route_args, self.future = account, route_args, future
+
+
 class RedisQuotaStore:
     def __init__(
         self,
@@ -101,31 +117,52 @@ class RedisQuotaStore:
         self._pipe = (
             RedisPipe(client, timeout=self._timeout) if RAW_PIPELINE and supports(client) else None
         )
-        self._pipe_pending: list[Call] = []
-        # The constant parts of a charge, encoded once (the month's per month, a route's
-        # per route, an account's keys per account and day).
+        self._pipe_pending: list[Call] = []  # refunds for the next write
+        self._charges: list[_Charge] = []  # charges for the next write, one script call
+        # The constant parts of a charge call, encoded once: an account's keys per day, a
+        # route's arguments per route, the month's per month.
         self._charge_script = Script(self._charge_src, self._charge_sha)
         self._refund_script = Script(self._refund_src, self._refund_sha)
-        self._charge_head = _evalsha(self._charge_sha, 4, 9)
         self._refund_head = _evalsha(self._refund_sha, 2, 5)
-        self._charge_tail = bulk(self._daily_ttl) + bulk(self._grace)
         self._month: tuple[tuple[int, int], bytes] = ((0, 0), b"")
+        self._settings = bulk(self._daily_ttl) + bulk(self._grace)
         self._routes: dict[tuple[str, int, str], bytes] = {}
         self._accounts: dict[str, tuple[str, bytes]] = {}
 
     async def charge(
         self, account: str, route: str, cost: int, allowed_tiers: str = ""
     ) -> Decision:
+        if self._pipe is None:
+            return await self._charge_one(account, route, cost, allowed_tiers)
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[Decision] = loop.create_future()
+        charge = _Charge(account, self._route_args(route, cost, allowed_tiers), future)
+        if not self._coalesce:
+            self._write([charge], [])
+        else:
+            if not self._charges and not self._pipe_pending:
+                loop.call_soon(self._flush_pipe)
+            self._charges.append(charge)
+        return await future
+
+    def _route_args(self, route: str, cost: int, allowed_tiers: str) -> bytes:
+        """A charge's own arguments (cost, route, allowed tiers), encoded once per route."""
+        key = (route, cost, allowed_tiers)
+        args = self._routes.get(key)
+        if args is None:
+            if len(self._routes) >= _KEY_CACHE_SIZE:
+                self._routes.clear()
+            args = self._routes[key] = bulk(cost) + bulk(route) + bulk(allowed_tiers)
+        return args
+
+    async def _charge_one(
+        self, account: str, route: str, cost: int, allowed_tiers: str
+    ) -> Decision:
+        """Through redis-py (a cluster, TLS, RESP3): one charge per script call."""
         now = self._clock()
-        month = self._periods.month(now)
-        day = self._periods.day(now)
-        if self._pipe is not None:
-            reply = await self._pipe_call(
-                self._charge_payload(account, route, cost, allowed_tiers, now, month, day),
-                self._charge_script,
-            )
-            return _decision(reply, day)
-        month_start, month_end = month
+        (month_start, month_end), day = self._periods.month_and_day(now)
         args = (
             4,
             *keys.account_keys(account, day),
@@ -133,43 +170,60 @@ class RedisQuotaStore:
             self._tiers,
             month_start,
             month_end,
-            cost,
-            route,
             self._daily_ttl,
             self._grace,
+            cost,
+            route,
             allowed_tiers,
         )
-        return _decision(await self._call(self._charge_sha, self._charge_src, args), day)
+        replies = await self._call(self._charge_sha, self._charge_src, args)
+        return _decision(_only(replies), day)
 
-    def _charge_payload(
-        self,
-        account: str,
-        route: str,
-        cost: int,
-        allowed_tiers: str,
-        now: float,
-        month: tuple[int, int],
-        day: str,
-    ) -> bytes:
-        # Three cached segments around the one argument that changes every time (now):
-        # EVALSHA, sha, numkeys and the keys; the tier table and the month; cost, route,
-        # TTL, grace and allowed tiers (ARGV 5..9 are adjacent).
-        head = self._accounts.get(account)
-        if head is None or head[0] != day:
-            if len(self._accounts) >= _KEY_CACHE_SIZE:
-                self._accounts.clear()
-            encoded = b"".join([bulk(k) for k in keys.account_keys(account, day)])
-            head = self._accounts[account] = (day, self._charge_head + encoded)
+    def _charge_call(self, charges: Sequence[_Charge], now: float) -> tuple[bytes, str]:
+        """One EVALSHA of charge.lua carrying ``charges``, and the day their units count on."""
+        month, day = self._periods.month_and_day(now)
         if self._month[0] != month:
             self._month = (month, bulk(self._tiers) + bulk(month[0]) + bulk(month[1]))
-        tail = self._routes.get((route, cost, allowed_tiers))
-        if tail is None:
-            if len(self._routes) >= _KEY_CACHE_SIZE:
-                self._routes.clear()
-            tail = bulk(cost) + bulk(route) + self._charge_tail + bulk(allowed_tiers)
-            self._routes[(route, cost, allowed_tiers)] = tail
-        now_ms = b"%d" % int(now * 1000)
-        return b"%b$%d\r\n%b\r\n%b%b" % (head[1], len(now_ms), now_ms, self._month[1], tail)
+        accounts = self._accounts
+        parts = [
+            header(3 + 4 * len(charges) + 6 + 3 * len(charges))
+            + bulk("EVALSHA")
+            + bulk(self._charge_sha)
+            + bulk(4 * len(charges))
+        ]
+        for charge in charges:
+            account_keys = accounts.get(charge.account)
+            if account_keys is None or account_keys[0] != day:
+                if len(accounts) >= _KEY_CACHE_SIZE:
+                    accounts.clear()
+                encoded = b"".join([bulk(k) for k in keys.account_keys(charge.account, day)])
+                account_keys = accounts[charge.account] = (day, encoded)
+            parts.append(account_keys[1])
+        parts.append(bulk(int(now * 1000)) + self._month[1] + self._settings)
+        parts += [charge.route_args for charge in charges]
+        return b"".join(parts), day
+
+    def _flush_pipe(self) -> None:
+        charges, self._charges = self._charges, []
+        refunds, self._pipe_pending = self._pipe_pending, []
+        self._write(charges, refunds)
+
+    def _write(self, charges: list[_Charge], refunds: list[Call]) -> None:
+        """Charges and refunds of one loop iteration, in one write: the charges as one
+        script call per _MAX_BATCH of them, so a burst does not hold Redis for long."""
+        assert self._pipe is not None and self._loop is not None
+        if self._on_batch is not None:
+            self._on_batch(len(charges) + len(refunds))
+        calls = []
+        if charges:
+            now = self._clock()
+            for at in range(0, len(charges), _MAX_BATCH):
+                batch = charges[at : at + _MAX_BATCH]
+                payload, day = self._charge_call(batch, now)
+                future = self._loop.create_future()
+                future.add_done_callback(functools.partial(_settle_charges, batch, day))
+                calls.append(Call(future, payload, self._charge_script))
+        self._pipe.send(calls + refunds)
 
     async def refund(self, account: str, route: str, cost: int, decision: Decision) -> int:
         if self._pipe is not None:
@@ -211,22 +265,12 @@ class RedisQuotaStore:
         future = loop.create_future()
         call = Call(future, payload, script)
         if self._coalesce:
-            if not self._pipe_pending:
-                loop.call_soon(self._pipe_flush)
+            if not self._charges and not self._pipe_pending:
+                loop.call_soon(self._flush_pipe)
             self._pipe_pending.append(call)
         else:
-            self._pipe_send([call])
+            self._write([], [call])
         return future
-
-    def _pipe_flush(self) -> None:
-        batch, self._pipe_pending = self._pipe_pending, []
-        self._pipe_send(batch)
-
-    def _pipe_send(self, batch: list[Call]) -> None:
-        assert self._pipe is not None
-        if self._on_batch is not None:
-            self._on_batch(len(batch))
-        self._pipe.send(batch)
 
     async def _call(self, sha: str, source: bytes, args: Sequence[Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -298,8 +342,8 @@ class RedisQuotaStore:
     async def aclose(self) -> None:
         if self._pending:
             self._flush()
-        if self._pipe_pending:
-            self._pipe_flush()
+        if self._charges or self._pipe_pending:
+            self._flush_pipe()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._pipe is not None:
@@ -330,6 +374,42 @@ def _decision(reply: Any, day: str) -> Decision:
         reply[8],
         day,
     )
+
+
+def _settle_charges(charges: Sequence[_Charge], day: str, done: asyncio.Future[Any]) -> None:
+    """Hand each charge of a script call its own decision, or its own error."""
+    error: BaseException | None = None
+    replies: Any = None
+    if done.cancelled():
+        error = QuotaStoreUnavailable("redis unavailable: cancelled")
+    else:
+        error = done.exception()  # the pipe fails calls with QuotaStoreUnavailable
+        if error is None:
+            replies = done.result()
+            if not isinstance(replies, list) or len(replies) != len(charges):
+                message = f"redis answered {len(charges)} charges with {replies!r:.200}"
+                error = QuotaStoreUnavailable(message)
+    for at, charge in enumerate(charges):
+        future = charge.future
+        if future.done():  # the caller went away
+            continue
+        if error is not None:
+            future.set_exception(error)
+            continue
+        reply = replies[at]
+        if isinstance(reply, Exception):
+            future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
+        else:
+            future.set_result(_decision(reply, day))
+
+
+def _only(replies: Any) -> Any:
+    """The reply of a script call that carried one charge."""
+    if not isinstance(replies, list) or len(replies) != 1:
+        raise QuotaStoreUnavailable(f"redis answered one charge with {replies!r:.200}")
+    if isinstance(replies[0], Exception):
+        raise QuotaStoreUnavailable(f"redis error: {replies[0]}")
+    return replies[0]
 
 
 def _settle(outcomes: Iterable[tuple[_Call, Any]]) -> None:

@@ -75,13 +75,13 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             tier_table(config),
             month_start,
             month_end,
-            route.cost,
-            route.name,
             config.billing.daily_usage_ttl_seconds,
             config.billing.past_due_grace_seconds,
+            route.cost,
+            route.name,
             "",
         )
-        if reply[0] != 1:
+        if reply[0][0] != 1:  # the script answers a list: one reply per charge
             return web.json_response({"error": "quota_exceeded"}, status=429)
 
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}

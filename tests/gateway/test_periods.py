@@ -47,6 +47,7 @@ def test_period_clock_agrees_with_the_plain_functions_across_boundaries() -> Non
     for now in [*moments, *reversed(moments), *moments[::2]]:
         assert clock.month(now) == calendar_month(now), now
         assert clock.day(now) == utc_day(now), now
+        assert clock.month_and_day(now) == (calendar_month(now), utc_day(now)), now
 
 
 async def _get(gateway, path: str, account: str) -> tuple[int, str]:

@@ -18,9 +18,10 @@ import uvloop
 from gateway import keys
 from gateway.embedded_redis import find_redis_server
 from gateway.errors import QuotaStoreUnavailable
+from gateway.periods import calendar_month
 from gateway.redis_client import create_redis
 from gateway.redis_pipe import Call, RedisPipe, supports
-from gateway.redis_quota import RedisQuotaStore
+from gateway.redis_quota import RedisQuotaStore, _Charge
 from gateway.resp import command
 from tests.conftest import Clock, load_test_config, replace_section
 
@@ -296,22 +297,30 @@ async def test_closing_the_client_closes_a_store_never_closed(server: Server, cl
     gc.collect()
 
 
-@pytest.mark.parametrize("allowed", ["", ",pro,enterprise,"])
-def test_a_charge_is_encoded_exactly_as_redis_py_encodes_it(allowed: str) -> None:
+async def test_a_batch_of_charges_is_encoded_exactly_as_redis_py_encodes_it() -> None:
     from redis.connection import Connection
 
     config = load_test_config("http://127.0.0.1:9")
     store = RedisQuotaStore(redis.Redis(), config)
-    now, month, day = 1_790_000_000.123, (1_788_220_800, 1_790_812_800), "2026-09-21"
+    now, day = 1_790_000_000.123, "2026-09-21"
+    charges = [
+        ("acct-é", "/signals/history/{symbol}", 2, ""),
+        ("acct-2", "/signals", 1, ",pro,enterprise,"),
+        ("acct-é", "/signals", 1, ""),
+    ]
     billing = config.billing
     args = (
-        "EVALSHA", store._charge_sha, 4, *keys.account_keys("acct-é", day), int(now * 1000),
-        store._tiers, *month, 2, "/signals/history/{symbol}", billing.daily_usage_ttl_seconds,
-        billing.past_due_grace_seconds, allowed,
+        "EVALSHA", store._charge_sha, 4 * len(charges),
+        *(k for account, *_ in charges for k in keys.account_keys(account, day)),
+        int(now * 1000), store._tiers, *calendar_month(now),
+        billing.daily_usage_ttl_seconds, billing.past_due_grace_seconds,
+        *(a for _, route, cost, allowed in charges for a in (cost, route, allowed)),
     )  # fmt: skip
     expected = b"".join(Connection().pack_command(*args))
+    future = asyncio.get_running_loop().create_future()
     for _ in range(2):  # built, then from the caches
-        payload = store._charge_payload(
-            "acct-é", "/signals/history/{symbol}", 2, allowed, now, month, day
-        )
-        assert payload == expected
+        batch = [
+            _Charge(account, store._route_args(route, cost, allowed), future)
+            for account, route, cost, allowed in charges
+        ]
+        assert store._charge_call(batch, now) == (expected, day)

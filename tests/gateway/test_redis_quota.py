@@ -1,0 +1,76 @@
+"""The quota store's batches: one charge.lua call carries many charges, each on its own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as redis
+
+from gateway import keys, redis_quota
+from gateway.errors import QuotaStoreUnavailable
+from gateway.redis_client import create_redis
+from gateway.redis_quota import RedisQuotaStore
+from tests.conftest import Clock, load_test_config
+
+
+async def _evalsha_calls(client: redis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
+async def test_a_charge_that_fails_in_redis_fails_alone(
+    raw_pipeline: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+    redis_client: redis.Redis,
+    clock: Clock,
+) -> None:
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
+    # Not a hash: the script's HMGET of this usage key fails (WRONGTYPE) mid-batch.
+    await redis_client.set(keys.usage_key("acct-broken"), "not a hash")
+    client = create_redis(redis_url, timeout=2.0)
+    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
+    try:
+        before, broken, after = await asyncio.gather(
+            store.charge("acct-before", "/signals", 1),
+            store.charge("acct-broken", "/signals", 1),
+            store.charge("acct-after", "/signals", 1),
+            return_exceptions=True,
+        )
+    finally:
+        await store.aclose()
+        await client.aclose()
+    assert isinstance(broken, QuotaStoreUnavailable) and "WRONGTYPE" in str(broken)
+    assert not isinstance(before, BaseException) and before.allowed and before.used == 1
+    assert not isinstance(after, BaseException) and after.allowed and after.used == 1
+    for account in ("acct-before", "acct-after"):
+        assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
+    assert await redis_client.get(keys.usage_key("acct-broken")) == b"not a hash"
+    assert await redis_client.exists(keys.daily_key("acct-broken", "2026-09-21")) == 0
+
+
+async def test_a_burst_is_one_write_of_several_script_calls_decided_in_order(
+    redis_url: str, redis_client: redis.Redis, clock: Clock
+) -> None:
+    client = create_redis(redis_url, timeout=2.0)
+    writes: list[int] = []
+    config = load_test_config("http://127.0.0.1:9")
+    store = RedisQuotaStore(client, config, clock=clock, on_batch=writes.append)
+    burst = 2 * redis_quota._MAX_BATCH + 44
+    calls_before = await _evalsha_calls(redis_client)
+    try:
+        decisions = await asyncio.gather(
+            *(store.charge("acct-burst", "/signals", 1) for _ in range(burst))
+        )
+    finally:
+        await store.aclose()
+        await client.aclose()
+    assert writes == [burst]
+    assert await _evalsha_calls(redis_client) - calls_before == 3
+    # The free tier's 100 units go to the first 100 charges, as if they had come one by one.
+    included = config.tiers["free"].included_units
+    assert [d.allowed for d in decisions] == [True] * included + [False] * (burst - included)
+    assert [d.used for d in decisions[:included]] == list(range(1, included + 1))
+    assert await redis_client.hget(keys.usage_key("acct-burst"), "used") == str(included).encode()
