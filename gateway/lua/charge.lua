@@ -20,15 +20,26 @@ local now = math.floor(now_ms / 1000)
 local month_start, month_end = tonumber(ARGV[3]), tonumber(ARGV[4])
 local daily_ttl, grace = tonumber(ARGV[5]), tonumber(ARGV[6])
 
--- The table's row for one tier, found by a plain search (no pattern scan of every row).
+-- The table's row for one tier, found by a plain search (no pattern scan of every row)
+-- the first time the call needs that tier, then kept: a call carries a batch of charges.
 local tiers = ';' .. ARGV[2] .. ';'
+local rules = {}
 local function tier_rules(name)
-  local at = string.find(tiers, ';' .. name .. ',', 1, true)
-  if not at then return nil end
-  local inc, ov, cap, interval, burst =
-      string.match(tiers, '^(%d+),(%d),(%-?%d+),(%d+),(%d+);', at + #name + 2)
-  if not inc then return nil end
-  return tonumber(inc), ov == '1', tonumber(cap), tonumber(interval), tonumber(burst)
+  local r = rules[name]
+  if r == nil then
+    r = false
+    local at = string.find(tiers, ';' .. name .. ',', 1, true)
+    if at then
+      local inc, ov, cap, interval, burst =
+          string.match(tiers, '^(%d+),(%d),(%-?%d+),(%d+),(%d+);', at + #name + 2)
+      if inc then
+        r = {tonumber(inc), ov == '1', tonumber(cap), tonumber(interval), tonumber(burst)}
+      end
+    end
+    rules[name] = r
+  end
+  if not r then return nil end
+  return r[1], r[2], r[3], r[4], r[5]
 end
 
 -- One charge: its keys, cost, route and allowed tiers.
