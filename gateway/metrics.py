@@ -3,10 +3,19 @@
 With several workers the process that starts them sets PROMETHEUS_MULTIPROC_DIR before
 this module is imported, so every worker writes its samples to shared files and /metrics
 (served by any worker) aggregates them all.
+
+The per-request metrics (requests, latency, units) are tallied in plain ints by
+RouteMetrics and written to the Prometheus metrics once per event-loop iteration: each
+write to a shared file costs about 1.5 µs (3 µs for a histogram observation), which was
+6 µs a request with several workers. A scrape writes this process's tallies first, and
+another worker's are at most one of its loop iterations behind.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import math
 import os
 
 from prometheus_client import (
@@ -21,12 +30,14 @@ from prometheus_client.multiprocess import MultiProcessCollector
 REQUESTS = Counter(
     "metergate_requests_total", "Requests answered, by route and status.", ["route", "status"]
 )
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 LATENCY = Histogram(
     "metergate_request_duration_seconds",
     "Time from request to response headers, by route.",
     ["route"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    buckets=LATENCY_BUCKETS,
 )
+_BOUNDS = (*LATENCY_BUCKETS, math.inf)
 UNITS = Counter(
     "metergate_units_charged_total", "Units charged, by tier and route.", ["tier", "route"]
 )
@@ -53,6 +64,7 @@ BATCH = Histogram(
 
 
 def render() -> tuple[bytes, str]:
+    flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
@@ -62,26 +74,94 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-class RouteMetrics:
-    """Label children bound once per route, so a request does no label lookups."""
+_dirty: list[RouteMetrics] = []  # with tallies not yet written
 
-    __slots__ = ("_requests", "latency", "refunds", "route", "units")
+
+def flush() -> None:
+    """Write every route's tallies to the Prometheus metrics."""
+    while _dirty:
+        _dirty.pop()._write()
+
+
+class RouteMetrics:
+    """One route's requests, latency and units: tallied per request, written per loop
+    iteration (see the module's docstring). Label children are bound once per route."""
+
+    __slots__ = (
+        "_latency",
+        "_latency_counts",
+        "_latency_sum",
+        "_queued",
+        "_requests",
+        "_status_counts",
+        "_units",
+        "_units_counts",
+        "refunds",
+        "route",
+    )
 
     def __init__(self, route: str) -> None:
         self.route = route
-        self.latency = LATENCY.labels(route)
-        self.refunds = REFUNDS.labels(route)
+        self.refunds = REFUNDS.labels(route)  # rare: written at once
+        self._latency = LATENCY.labels(route)
         self._requests: dict[int, Counter] = {}
-        self.units: dict[str, Counter] = {}
+        self._units: dict[str, Counter] = {}
+        self._status_counts: dict[int, int] = {}
+        self._latency_counts = [0] * len(_BOUNDS)
+        self._latency_sum = 0.0
+        self._units_counts: dict[str, int] = {}
+        self._queued = False
 
-    def request(self, status: int) -> None:
-        child = self._requests.get(status)
-        if child is None:
-            child = self._requests[status] = REQUESTS.labels(self.route, str(status))
-        child.inc()
+    def answered(self, status: int, seconds: float) -> None:
+        """A request answered with ``status``, its head sent ``seconds`` after it came."""
+        counts = self._status_counts
+        counts[status] = counts.get(status, 0) + 1
+        # The bucket Histogram.observe would count it in: the first bound >= seconds.
+        self._latency_counts[bisect.bisect_left(_BOUNDS, seconds)] += 1
+        self._latency_sum += seconds
+        if not self._queued:
+            self._mark()
 
     def charged(self, tier: str, units: int) -> None:
-        child = self.units.get(tier)
-        if child is None:
-            child = self.units[tier] = UNITS.labels(tier, self.route)
-        child.inc(units)
+        counts = self._units_counts
+        counts[tier] = counts.get(tier, 0) + units
+        if not self._queued:
+            self._mark()
+
+    def _mark(self) -> None:
+        self._queued = True
+        if not _dirty:
+            try:
+                asyncio.get_running_loop().call_soon(flush)
+            except RuntimeError:  # no loop: written now
+                _dirty.append(self)
+                flush()
+                return
+        _dirty.append(self)
+
+    def _write(self) -> None:
+        self._queued = False
+        for status, count in self._status_counts.items():
+            child = self._requests.get(status)
+            if child is None:
+                child = self._requests[status] = REQUESTS.labels(self.route, str(status))
+            child.inc(count)
+        self._status_counts.clear()
+        for tier, units in self._units_counts.items():
+            child = self._units.get(tier)
+            if child is None:
+                child = self._units[tier] = UNITS.labels(tier, self.route)
+            child.inc(units)
+        self._units_counts.clear()
+        counts = self._latency_counts
+        if any(counts):
+            # Histogram has no public call for many observations at once; these are the
+            # values its observe() increments (tests/gateway/test_metrics.py checks the
+            # result against observe() itself, so a change in prometheus_client shows).
+            buckets = self._latency._buckets
+            for index, count in enumerate(counts):
+                if count:
+                    buckets[index].inc(count)
+                    counts[index] = 0
+            self._latency._sum.inc(self._latency_sum)
+            self._latency_sum = 0.0

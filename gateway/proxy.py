@@ -218,8 +218,7 @@ class Proxy:
 
     @staticmethod
     def _observe(rm: metrics.RouteMetrics, status: int, started: float) -> None:
-        rm.request(status)
-        rm.latency.observe(time.perf_counter() - started)
+        rm.answered(status, time.perf_counter() - started)
 
     def _unauthorized(
         self, request: Request, rm: metrics.RouteMetrics, started: float, exc: AuthError

@@ -6,13 +6,17 @@ assertion is on the change between two scrapes.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 
 import aiohttp
+import pytest
 import redis.asyncio as redis
 from aiohttp import web
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import metrics
 from gateway.periods import calendar_month
 from tests.conftest import Clock, auth, echo, load_test_config
 
@@ -119,3 +123,60 @@ async def test_upstream_connection_errors_are_counted(start_gateway) -> None:
         == 1
     )
     assert _delta(before, after, "metergate_units_refunded_total", route="/signals") == 1
+
+
+def _samples(registry: CollectorRegistry) -> Samples:
+    """The gateway's own samples (the process and GC ones move on their own)."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for s in family.samples
+        if s.name.startswith("metergate_")
+    }
+
+
+async def test_tallies_written_per_loop_iteration_equal_prometheus_own_observations() -> None:
+    # The same answers through RouteMetrics and straight into a Histogram and a Counter of
+    # a private registry: what /metrics shows must not differ in any bucket or count.
+    reference = CollectorRegistry()
+    latency = Histogram(
+        "metergate_request_duration_seconds",
+        "reference",
+        ["route"],
+        buckets=metrics.LATENCY_BUCKETS,
+        registry=reference,
+    )
+    requests = Counter(
+        "metergate_requests_total", "reference", ["route", "status"], registry=reference
+    )
+    units = Counter(
+        "metergate_units_charged_total", "reference", ["tier", "route"], registry=reference
+    )
+    route = "/tally-check"
+    answers = [(200, 0.0004), (200, 0.0005), (200, 0.0006), (429, 0.003), (200, 12.0), (200, 0.0)]
+    answers += [(200, b / 1000) for b in range(1, 400, 7)]
+    rm = metrics.RouteMetrics(route)
+    before = _samples(REGISTRY)
+    for status, seconds in answers:
+        rm.answered(status, seconds)
+        latency.labels(route).observe(seconds)
+        requests.labels(route, str(status)).inc()
+    rm.charged("pro", 3)
+    rm.charged("pro", 2)
+    units.labels("pro", route).inc(5)
+    assert _samples(REGISTRY) == before  # tallied, not written yet
+    await asyncio.sleep(0)  # the loop iteration ends: written
+    after = _samples(REGISTRY)
+    expected = _samples(reference)
+    for key, value in expected.items():
+        if key[0].endswith("_created"):
+            continue
+        assert after.get(key, 0.0) - before.get(key, 0.0) == pytest.approx(value), key
+    rm.answered(200, 0.1)
+    metrics.render()  # a scrape writes what is tallied without waiting for the loop
+    assert (
+        _samples(REGISTRY)[
+            ("metergate_requests_total", frozenset({("route", route), ("status", "200")}))
+        ]
+        == sum(1 for s, _ in answers if s == 200) + 1
+    )
