@@ -5,6 +5,7 @@ Route pricing and the proxy only know this contract; ``gateway.redis_quota`` imp
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from enum import IntEnum
 from typing import Protocol
 
@@ -35,10 +36,13 @@ class Decision(msgspec.Struct, frozen=True, array_like=True):
 
 
 class QuotaStore(Protocol):
-    async def charge(
+    def charge(
         self, account: str, route: str, cost: int, allowed_tiers: str = ""
-    ) -> Decision:
-        """Atomically decide and charge ``cost`` units; raise QuotaStoreUnavailable."""
+    ) -> Awaitable[Decision]:
+        """Atomically decide and charge ``cost`` units; raise QuotaStoreUnavailable.
+
+        An awaitable rather than a coroutine: on the hot path it is the future the batch
+        settles, awaited without a coroutine frame around it."""
         ...
 
     async def refund(self, account: str, route: str, cost: int, decision: Decision) -> int:

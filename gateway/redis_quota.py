@@ -15,7 +15,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -129,14 +129,15 @@ class RedisQuotaStore:
         self._routes: dict[tuple[str, int, str], bytes] = {}
         self._accounts: dict[str, tuple[str, bytes]] = {}
 
-    async def charge(
+    def charge(
         self, account: str, route: str, cost: int, allowed_tiers: str = ""
-    ) -> Decision:
+    ) -> Awaitable[Decision]:
         if self._pipe is None:
-            return await self._charge_one(account, route, cost, allowed_tiers)
+            return self._charge_one(account, route, cost, allowed_tiers)
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
+        # Settled with its Decision by _settle_charges when the batch's reply comes.
         future: asyncio.Future[Decision] = loop.create_future()
         charge = _Charge(account, self._route_args(route, cost, allowed_tiers), future)
         if not self._coalesce:
@@ -145,7 +146,7 @@ class RedisQuotaStore:
             if not self._charges and not self._pipe_pending:
                 loop.call_soon(self._flush_pipe)
             self._charges.append(charge)
-        return await future
+        return future
 
     def _route_args(self, route: str, cost: int, allowed_tiers: str) -> bytes:
         """A charge's own arguments (cost, route, allowed tiers), encoded once per route."""
