@@ -111,13 +111,17 @@ def gateway_handler(app: web.Application) -> Handler:
     }
     proxy = app[PROXY]
 
-    async def handle(request: Request) -> None:
+    async def answer(request: Request, endpoint: OwnEndpoint) -> None:
+        status, content_type, body = await endpoint(app)
+        request.respond(status, {"Content-Type": content_type}, body)
+
+    def handle(request: Request) -> Awaitable[None]:
+        # Hands back the proxy's coroutine rather than awaiting it: no frame of its own to
+        # pass through each time a request resumes.
         endpoint = own.get(request.raw_path.partition("?")[0])
         if endpoint is not None and request.method in ("GET", "HEAD"):
-            status, content_type, body = await endpoint(app)
-            request.respond(status, {"Content-Type": content_type}, body)
-            return
-        await proxy.handle(request)
+            return answer(request, endpoint)
+        return proxy.handle(request)
 
     return handle
 

@@ -81,13 +81,9 @@ class _Call:
         self.sha, self.source, self.args, self.future = sha, source, args, future
 
 
-class _Charge:
-    """A charge waiting for the next batch: who, what, and who waits for the decision."""
-
-    __slots__ = ("account", "future", "route_args")
-
-    def __init__(self, account: str, route_args: bytes, future: asyncio.Future[Decision]) -> None:
-        self.account, self.route_args, self.future = account, route_args, future
+# A charge waiting for the next batch: the account, its route's encoded arguments and the
+# future its decision settles. A plain tuple: one is made per metered request.
+_Charge = tuple[str, bytes, "asyncio.Future[Decision]"]
 
 
 class RedisQuotaStore:
@@ -139,7 +135,10 @@ class RedisQuotaStore:
             loop = self._loop = asyncio.get_running_loop()
         # Settled with its Decision by _settle_charges when the batch's reply comes.
         future: asyncio.Future[Decision] = loop.create_future()
-        charge = _Charge(account, self._route_args(route, cost, allowed_tiers), future)
+        route_args = self._routes.get((route, cost, allowed_tiers))
+        if route_args is None:
+            route_args = self._route_args(route, cost, allowed_tiers)
+        charge = (account, route_args, future)
         if not self._coalesce:
             self._write([charge], [])
         else:
@@ -192,16 +191,16 @@ class RedisQuotaStore:
             + bulk(self._charge_sha)
             + bulk(4 * len(charges))
         ]
-        for charge in charges:
-            account_keys = accounts.get(charge.account)
+        for account, _, _ in charges:
+            account_keys = accounts.get(account)
             if account_keys is None or account_keys[0] != day:
                 if len(accounts) >= _KEY_CACHE_SIZE:
                     accounts.clear()
-                encoded = b"".join([bulk(k) for k in keys.account_keys(charge.account, day)])
-                account_keys = accounts[charge.account] = (day, encoded)
+                encoded = b"".join([bulk(k) for k in keys.account_keys(account, day)])
+                account_keys = accounts[account] = (day, encoded)
             parts.append(account_keys[1])
         parts.append(bulk(int(now * 1000)) + self._month[1] + self._settings)
-        parts += [charge.route_args for charge in charges]
+        parts += [route_args for _, route_args, _ in charges]
         return b"".join(parts), day
 
     def _flush_pipe(self) -> None:
@@ -390,14 +389,14 @@ def _settle_charges(charges: Sequence[_Charge], day: str, done: asyncio.Future[A
             if not isinstance(replies, list) or len(replies) != len(charges):
                 message = f"redis answered {len(charges)} charges with {replies!r:.200}"
                 error = QuotaStoreUnavailable(message)
-    for at, charge in enumerate(charges):
-        future = charge.future
-        if future.done():  # the caller went away
+    if error is not None:
+        for _, _, future in charges:
+            if not future.done():  # done: the caller went away
+                future.set_exception(error)
+        return
+    for (_, _, future), reply in zip(charges, replies, strict=True):
+        if future.done():
             continue
-        if error is not None:
-            future.set_exception(error)
-            continue
-        reply = replies[at]
         if isinstance(reply, Exception):
             future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
         else:

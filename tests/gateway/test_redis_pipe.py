@@ -21,7 +21,7 @@ from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
 from gateway.redis_client import create_redis
 from gateway.redis_pipe import Call, RedisPipe, supports
-from gateway.redis_quota import RedisQuotaStore, _Charge
+from gateway.redis_quota import RedisQuotaStore
 from gateway.resp import command
 from tests.conftest import Clock, load_test_config, replace_section
 
@@ -320,7 +320,7 @@ async def test_a_batch_of_charges_is_encoded_exactly_as_redis_py_encodes_it() ->
     future = asyncio.get_running_loop().create_future()
     for _ in range(2):  # built, then from the caches
         batch = [
-            _Charge(account, store._route_args(route, cost, allowed), future)
+            (account, store._route_args(route, cost, allowed), future)
             for account, route, cost, allowed in charges
         ]
         assert store._charge_call(batch, now) == (expected, day)
