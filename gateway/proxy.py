@@ -394,7 +394,7 @@ class Proxy:
             # The gateway's quota fields replace any the backend sent under those names.
             headers = hdr.client_response_head(
                 upstream_resp.raw_headers,
-                _ratelimit_lines(decision, self._clock()),
+                _RATELIMIT_LINES % _ratelimit_numbers(decision, self._clock()),
                 replace=_RATELIMIT_NAMES,
             )
         else:
@@ -464,6 +464,7 @@ class Proxy:
 # draft-ietf-httpapi-ratelimit-headers (RateLimit / RateLimit-Policy structured fields).
 _POLICY = '"monthly";q=%d;w=%d;qu="units"'
 _STATE = '"monthly";r=%d;t=%d'
+# The header block on every metered answer, formatted in one go.
 _RATELIMIT_LINES = f"RateLimit-Policy: {_POLICY}\r\nRateLimit: {_STATE}\r\n".encode()
 _RATELIMIT_NAMES = frozenset({b"ratelimit", b"ratelimit-policy"})
 
@@ -480,11 +481,6 @@ def _ratelimit_numbers(decision: Decision, now: float) -> tuple[int, int, int, i
         remaining if remaining > 0 else 0,
         reset if reset > 0 else 0,
     )
-
-
-def _ratelimit_lines(decision: Decision, now: float) -> bytes:
-    # The header block on every metered answer: formatted in one go.
-    return _RATELIMIT_LINES % _ratelimit_numbers(decision, now)
 
 
 def _ratelimit_headers(decision: Decision, now: float) -> dict[str, str]:
