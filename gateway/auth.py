@@ -116,6 +116,10 @@ class TokenVerifier:
         sub, exp = payload.get("sub"), payload.get("exp")
         if not isinstance(sub, str) or not sub or len(sub) > 128:
             raise AuthError("invalid token: sub must be a non-empty string")
+        if not _is_text(sub):
+            # The account id goes into Redis keys and a header to the backend as UTF-8:
+            # a lone surrogate cannot be encoded, a control character has no place there.
+            raise AuthError("invalid token: sub must be text without control characters")
         if not isinstance(exp, int | float) or isinstance(exp, bool):
             raise AuthError("invalid token: exp must be a number")
         try:
@@ -123,6 +127,14 @@ class TokenVerifier:
         except OverflowError:  # a JSON integer beyond any float: PyJWT compared it as int
             raise AuthError("invalid token: exp out of range") from None
         return Claims(sub=sub, exp=exp_seconds, is_admin=payload.get("role") == "admin")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return not any(c < " " or c == "\x7f" for c in value)
 
 
 def issue_token(

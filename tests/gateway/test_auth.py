@@ -383,6 +383,11 @@ ODD_TOKENS = {
     "exp_is_huge": _signed(HS, _claims(exp=10**400)),
     "sub_is_null": _signed(HS, _claims(sub=None)),
     "sub_too_long": _signed(HS, _claims(sub="a" * 129)),
+    # Valid JSON, but no UTF-8 for a Redis key or a header: "\ud800" alone is no character.
+    "sub_lone_surrogate": _signed(
+        HS, _b64(b'{"sub":"acct-\\ud800","exp":%d}' % (int(time.time()) + 3600))
+    ),
+    "sub_control_character": _signed(HS, _claims(sub="acct-\x01")),
     "nbf_in_future": _signed(HS, _claims(nbf=int(time.time()) + 3600)),
     "iat_is_a_string": _signed(HS, _claims(iat="now")),
     "crit_header": _signed({**HS, "crit": ["exp"]}, _claims()),
