@@ -113,8 +113,11 @@ class RedisQuotaStore:
         self._pipe = (
             RedisPipe(client, timeout=self._timeout) if RAW_PIPELINE and supports(client) else None
         )
-        self._pipe_pending: list[Call] = []  # refunds for the next write
-        self._charges: list[_Charge] = []  # charges for the next write, one script call
+        # The next write, in the order the calls came: the charges that came since the
+        # last refund are still open to more (self._charges); a refund closes them, so
+        # they go to Redis before it, as they came.
+        self._charges: list[_Charge] = []
+        self._queued: list[list[_Charge] | Call] = []
         # The constant parts of a charge call, encoded once: an account's keys per day, a
         # route's arguments per route, the month's per month.
         self._charge_script = Script(self._charge_src, self._charge_sha)
@@ -140,9 +143,9 @@ class RedisQuotaStore:
             route_args = self._route_args(route, cost, allowed_tiers)
         charge = (account, route_args, future)
         if not self._coalesce:
-            self._write([charge], [])
+            self._write([[charge]])
         else:
-            if not self._charges and not self._pipe_pending:
+            if not self._charges and not self._queued:
                 loop.call_soon(self._flush_pipe)
             self._charges.append(charge)
         return future
@@ -161,6 +164,10 @@ class RedisQuotaStore:
         self, account: str, route: str, cost: int, allowed_tiers: str
     ) -> Decision:
         """Through redis-py (a cluster, TLS, RESP3): one charge per script call."""
+        try:
+            account.encode()
+        except UnicodeEncodeError as exc:  # fails here, not the batch it would join
+            raise QuotaStoreUnavailable(f"account not encodable: {exc}") from None
         now = self._clock()
         (month_start, month_end), day = self._periods.month_and_day(now)
         args = (
@@ -179,51 +186,76 @@ class RedisQuotaStore:
         replies = await self._call(self._charge_sha, self._charge_src, args)
         return _decision(_only(replies), day)
 
-    def _charge_call(self, charges: Sequence[_Charge], now: float) -> tuple[bytes, str]:
-        """One EVALSHA of charge.lua carrying ``charges``, and the day their units count on."""
+    def _charge_call(
+        self, charges: Sequence[_Charge], now: float
+    ) -> tuple[bytes, str, list[_Charge]]:
+        """One EVALSHA of charge.lua carrying ``charges``, the day their units count on, and
+        the charges it carries: one whose keys cannot be encoded fails alone, here."""
         month, day = self._periods.month_and_day(now)
         if self._month[0] != month:
             self._month = (month, bulk(self._tiers) + bulk(month[0]) + bulk(month[1]))
         accounts = self._accounts
-        parts = [
-            header(3 + 4 * len(charges) + 6 + 3 * len(charges))
-            + bulk("EVALSHA")
-            + bulk(self._charge_sha)
-            + bulk(4 * len(charges))
-        ]
-        for account, _, _ in charges:
+        carried: list[_Charge] = []
+        key_parts: list[bytes] = []
+        for charge in charges:
+            account = charge[0]
             account_keys = accounts.get(account)
             if account_keys is None or account_keys[0] != day:
+                try:
+                    encoded = b"".join([bulk(k) for k in keys.account_keys(account, day)])
+                except UnicodeEncodeError as exc:
+                    charge[2].set_exception(QuotaStoreUnavailable(f"account not encodable: {exc}"))
+                    continue
                 if len(accounts) >= _KEY_CACHE_SIZE:
                     accounts.clear()
-                encoded = b"".join([bulk(k) for k in keys.account_keys(account, day)])
                 account_keys = accounts[account] = (day, encoded)
-            parts.append(account_keys[1])
-        parts.append(bulk(int(now * 1000)) + self._month[1] + self._settings)
-        parts += [route_args for _, route_args, _ in charges]
-        return b"".join(parts), day
+            key_parts.append(account_keys[1])
+            carried.append(charge)
+        n = len(carried)
+        head = (
+            header(3 + 4 * n + 6 + 3 * n) + bulk("EVALSHA") + bulk(self._charge_sha) + bulk(4 * n)
+        )
+        shared = bulk(int(now * 1000)) + self._month[1] + self._settings
+        payload = b"".join([head, *key_parts, shared, *[args for _, args, _ in carried]])
+        return payload, day, carried
 
     def _flush_pipe(self) -> None:
-        charges, self._charges = self._charges, []
-        refunds, self._pipe_pending = self._pipe_pending, []
-        self._write(charges, refunds)
+        segments, self._queued = self._queued, []
+        if self._charges:
+            segments.append(self._charges)
+            self._charges = []
+        self._write(segments)
 
-    def _write(self, charges: list[_Charge], refunds: list[Call]) -> None:
-        """Charges and refunds of one loop iteration, in one write: the charges as one
-        script call per _MAX_BATCH of them, so a burst does not hold Redis for long."""
+    def _write(self, segments: list[list[_Charge] | Call]) -> None:
+        """Charges and refunds of one loop iteration, in the order they came, in one write;
+        each run of charges as one script call per _MAX_BATCH of them, so a burst does not
+        hold Redis for long. Whatever fails here fails its calls: none is left waiting."""
         assert self._pipe is not None and self._loop is not None
-        if self._on_batch is not None:
-            self._on_batch(len(charges) + len(refunds))
-        calls = []
-        if charges:
+        calls: list[Call] = []
+        count = 0
+        try:
             now = self._clock()
-            for at in range(0, len(charges), _MAX_BATCH):
-                batch = charges[at : at + _MAX_BATCH]
-                payload, day = self._charge_call(batch, now)
-                future = self._loop.create_future()
-                future.add_done_callback(functools.partial(_settle_charges, batch, day))
-                calls.append(Call(future, payload, self._charge_script))
-        self._pipe.send(calls + refunds)
+            for segment in segments:
+                if isinstance(segment, Call):
+                    calls.append(segment)
+                    count += 1
+                    continue
+                for at in range(0, len(segment), _MAX_BATCH):
+                    payload, day, batch = self._charge_call(segment[at : at + _MAX_BATCH], now)
+                    if batch:
+                        future = self._loop.create_future()
+                        future.add_done_callback(functools.partial(_settle_charges, batch, day))
+                        calls.append(Call(future, payload, self._charge_script))
+                        count += len(batch)
+        except Exception as exc:
+            log.error("encoding a Redis batch failed: %r", exc, exc_info=exc)
+            _fail_all(segments, QuotaStoreUnavailable(f"redis batch failed: {exc!r}"))
+            return
+        if not calls:
+            return
+        if self._on_batch is not None:
+            self._on_batch(count)
+        self._pipe.send(calls)
 
     async def refund(self, account: str, route: str, cost: int, decision: Decision) -> int:
         if self._pipe is not None:
@@ -265,11 +297,14 @@ class RedisQuotaStore:
         future = loop.create_future()
         call = Call(future, payload, script)
         if self._coalesce:
-            if not self._charges and not self._pipe_pending:
+            if not self._charges and not self._queued:
                 loop.call_soon(self._flush_pipe)
-            self._pipe_pending.append(call)
+            if self._charges:
+                self._queued.append(self._charges)
+                self._charges = []
+            self._queued.append(call)
         else:
-            self._write([], [call])
+            self._write([call])
         return future
 
     async def _call(self, sha: str, source: bytes, args: Sequence[Any]) -> Any:
@@ -342,7 +377,7 @@ class RedisQuotaStore:
     async def aclose(self) -> None:
         if self._pending:
             self._flush()
-        if self._charges or self._pipe_pending:
+        if self._charges or self._queued:
             self._flush_pipe()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
@@ -399,8 +434,21 @@ def _settle_charges(charges: Sequence[_Charge], day: str, done: asyncio.Future[A
             continue
         if isinstance(reply, Exception):
             future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
+            continue
+        try:
+            decision = _decision(reply, day)
+        except Exception as exc:  # a reply of another shape: this charge fails, not the rest
+            future.set_exception(QuotaStoreUnavailable(f"redis answered {reply!r:.200}: {exc!r}"))
         else:
-            future.set_result(_decision(reply, day))
+            future.set_result(decision)
+
+
+def _fail_all(segments: Iterable[list[_Charge] | Call], error: QuotaStoreUnavailable) -> None:
+    for segment in segments:
+        futures = [segment.future] if isinstance(segment, Call) else [c[2] for c in segment]
+        for future in futures:
+            if future is not None and not future.done():
+                future.set_exception(error)
 
 
 def _only(replies: Any) -> Any:

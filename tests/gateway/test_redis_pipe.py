@@ -323,4 +323,4 @@ async def test_a_batch_of_charges_is_encoded_exactly_as_redis_py_encodes_it() ->
             (account, store._route_args(route, cost, allowed), future)
             for account, route, cost, allowed in charges
         ]
-        assert store._charge_call(batch, now) == (expected, day)
+        assert store._charge_call(batch, now) == (expected, day, batch)

@@ -9,6 +9,7 @@ import redis.asyncio as redis
 
 from gateway import keys, redis_quota
 from gateway.errors import QuotaStoreUnavailable
+from gateway.periods import calendar_month
 from gateway.redis_client import create_redis
 from gateway.redis_quota import RedisQuotaStore
 from tests.conftest import Clock, load_test_config
@@ -74,3 +75,63 @@ async def test_a_burst_is_one_write_of_several_script_calls_decided_in_order(
     assert [d.allowed for d in decisions] == [True] * included + [False] * (burst - included)
     assert [d.used for d in decisions[:included]] == list(range(1, included + 1))
     assert await redis_client.hget(keys.usage_key("acct-burst"), "used") == str(included).encode()
+
+
+@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
+async def test_an_account_that_cannot_be_encoded_fails_alone_and_nothing_waits_forever(
+    raw_pipeline: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    redis_url: str,
+    redis_client: redis.Redis,
+    clock: Clock,
+) -> None:
+    # The verifier refuses such a sub; the store must not strand a batch on one anyway.
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
+    client = create_redis(redis_url, timeout=2.0)
+    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
+    try:
+        async with asyncio.timeout(5):
+            first, bad, last = await asyncio.gather(
+                store.charge("acct-enc-1", "/signals", 1),
+                store.charge("acct-\ud800", "/signals", 1),
+                store.charge("acct-enc-2", "/signals", 1),
+                return_exceptions=True,
+            )
+    finally:
+        await store.aclose()
+        await client.aclose()
+    assert isinstance(bad, QuotaStoreUnavailable)
+    assert not isinstance(first, BaseException) and first.used == 1
+    assert not isinstance(last, BaseException) and last.used == 1
+
+
+async def test_a_refund_goes_before_a_charge_that_came_after_it_in_the_same_write(
+    redis_url: str, redis_client: redis.Redis, clock: Clock
+) -> None:
+    # A free account at 99 of 100 units is charged its 100th, whose backend then fails.
+    # Its refund and the account's next charge leave in one write: refunded first, the
+    # next charge fits, as it would have one by one.
+    client = create_redis(redis_url, timeout=2.0)
+    writes: list[int] = []
+    config = load_test_config("http://127.0.0.1:9")
+    store = RedisQuotaStore(client, config, clock=clock, on_batch=writes.append)
+    account = "acct-order"
+    # Loaded: a NOSCRIPT reply would send the refund again after the batch's charges.
+    await redis_client.script_load(store._refund_src)
+    try:
+        await redis_client.hset(
+            keys.usage_key(account),
+            mapping={"period_start": calendar_month(clock.now)[0], "used": 99, "overage": 0},
+        )
+        hundredth = await store.charge(account, "/signals", 1)
+        assert (hundredth.allowed, hundredth.used) == (True, 100)
+        refund = asyncio.ensure_future(store.refund(account, "/signals", 1, hundredth))
+        await asyncio.sleep(0)  # the refund is queued; the flush is not run yet
+        following = store.charge(account, "/signals", 1)
+        assert await refund == 1
+        decision = await following
+    finally:
+        await store.aclose()
+        await client.aclose()
+    assert writes[-1] == 2  # the refund and the charge, in one write
+    assert (decision.allowed, decision.used) == (True, 100), decision
