@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import logging
 import math
 import os
 
@@ -38,6 +39,8 @@ LATENCY = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 _BOUNDS = (*LATENCY_BUCKETS, math.inf)
+
+log = logging.getLogger(__name__)
 UNITS = Counter(
     "metergate_units_charged_total", "Units charged, by tier and route.", ["tier", "route"]
 )
@@ -75,12 +78,19 @@ def render() -> tuple[bytes, str]:
 
 
 _dirty: list[RouteMetrics] = []  # with tallies not yet written
+_flush_scheduled = False
 
 
 def flush() -> None:
     """Write every route's tallies to the Prometheus metrics."""
+    global _flush_scheduled
+    _flush_scheduled = False
     while _dirty:
-        _dirty.pop()._write()
+        route = _dirty.pop()
+        try:
+            route._write()
+        except Exception:  # one route's failure (a full disk, say) must not stall the others
+            log.exception("writing the metrics of %s failed", route.route)
 
 
 class RouteMetrics:
@@ -129,15 +139,16 @@ class RouteMetrics:
             self._mark()
 
     def _mark(self) -> None:
+        global _flush_scheduled
         self._queued = True
-        if not _dirty:
+        _dirty.append(self)
+        if not _flush_scheduled:
             try:
                 asyncio.get_running_loop().call_soon(flush)
             except RuntimeError:  # no loop: written now
-                _dirty.append(self)
                 flush()
                 return
-        _dirty.append(self)
+            _flush_scheduled = True
 
     def _write(self) -> None:
         self._queued = False

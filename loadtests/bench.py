@@ -131,7 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             # One system that cannot start must not cost the others' figures.
                             print(f"bench: {system.name} skipped: {exc}", file=sys.stderr)
                             failed.append(system.name)
-                results = [median_result(runs) for runs in rounds.values() if runs]
+                # A system that failed in a later round is reported as skipped, not as
+                # the median of the rounds it managed.
+                results = [
+                    median_result(runs)
+                    for name, runs in rounds.items()
+                    if runs and name not in failed
+                ]
             finally:
                 backend.stop()
 
