@@ -204,7 +204,9 @@ class RedisQuotaStore:
                 try:
                     encoded = b"".join([bulk(k) for k in keys.account_keys(account, day)])
                 except UnicodeEncodeError as exc:
-                    charge[2].set_exception(QuotaStoreUnavailable(f"account not encodable: {exc}"))
+                    if not charge[2].done():  # done: the caller went away
+                        error = QuotaStoreUnavailable(f"account not encodable: {exc}")
+                        charge[2].set_exception(error)
                     continue
                 if len(accounts) >= _KEY_CACHE_SIZE:
                     accounts.clear()
@@ -253,9 +255,9 @@ class RedisQuotaStore:
             return
         if not calls:
             return
+        self._pipe.send(calls)
         if self._on_batch is not None:
             self._on_batch(count)
-        self._pipe.send(calls)
 
     async def refund(self, account: str, route: str, cost: int, decision: Decision) -> int:
         if self._pipe is not None:

@@ -135,3 +135,19 @@ async def test_a_refund_goes_before_a_charge_that_came_after_it_in_the_same_writ
         await client.aclose()
     assert writes[-1] == 2  # the refund and the charge, in one write
     assert (decision.allowed, decision.used) == (True, 100), decision
+
+
+async def test_a_caller_gone_before_the_write_costs_its_batch_nothing(
+    redis_url: str, redis_client: redis.Redis, clock: Clock
+) -> None:
+    client = create_redis(redis_url, timeout=2.0)
+    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
+    try:
+        gone = store.charge("acct-\ud800", "/signals", 1)
+        asyncio.ensure_future(gone).cancel()  # its request went away before the flush
+        async with asyncio.timeout(5):
+            decision = await store.charge("acct-stays", "/signals", 1)
+    finally:
+        await store.aclose()
+        await client.aclose()
+    assert decision.allowed and decision.used == 1
