@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard, cast
 
@@ -183,9 +184,15 @@ class _Connection(asyncio.Protocol):
 class RedisPipe:
     """Sends batches of pre-encoded commands on one persistent connection, in order."""
 
-    def __init__(self, client: redis.Redis, *, timeout: float) -> None:
+    def __init__(
+        self, client: redis.Redis, *, timeout: float, scripts: Sequence[Script] = ()
+    ) -> None:
         self._pool = client.connection_pool
         self._timeout = timeout
+        # Loaded ahead of the first calls on every new connection (a restarted or failed
+        # over server has none): a NOSCRIPT call is sent again after the rest of its write,
+        # which would put it behind calls that came after it.
+        self._loads = [command("SCRIPT", "LOAD", s.source) for s in scripts]
         self._conn: _Connection | None = None
         self._borrowed: AbstractConnection | None = None
         self._queue: list[Call] = []  # waiting for the connection
@@ -247,8 +254,8 @@ class RedisPipe:
         self._borrowed = borrowed
         self._conn = conn = _Connection(self, loop, self._timeout, transport)
         queue, self._queue = self._queue, []
-        if queue:
-            conn.write(queue)
+        if queue:  # a connection is made for calls; they come after the script loads
+            conn.write([Call(None, load) for load in self._loads] + queue)
 
     async def aclose(self) -> None:
         if self._connecting is not None:
@@ -257,7 +264,7 @@ class RedisPipe:
         if conn is not None:
             # Let the calls in flight be answered (the timeout bounds this), then give the
             # connection back to the pool.
-            if futures := conn.futures():
+            while futures := conn.futures():  # also calls written while waiting
                 await asyncio.gather(*futures, return_exceptions=True)
             if conn.alive:
                 conn.detach()

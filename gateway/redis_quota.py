@@ -110,9 +110,6 @@ class RedisQuotaStore:
         self._inflight: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(_MAX_INFLIGHT)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pipe = (
-            RedisPipe(client, timeout=self._timeout) if RAW_PIPELINE and supports(client) else None
-        )
         # The next write, in the order the calls came: the charges that came since the
         # last refund are still open to more (self._charges); a refund closes them, so
         # they go to Redis before it, as they came.
@@ -122,6 +119,13 @@ class RedisQuotaStore:
         # route's arguments per route, the month's per month.
         self._charge_script = Script(self._charge_src, self._charge_sha)
         self._refund_script = Script(self._refund_src, self._refund_sha)
+        self._pipe = (
+            RedisPipe(
+                client, timeout=self._timeout, scripts=(self._charge_script, self._refund_script)
+            )
+            if RAW_PIPELINE and supports(client)
+            else None
+        )
         self._refund_head = _evalsha(self._refund_sha, 2, 5)
         self._month: tuple[tuple[int, int], bytes] = ((0, 0), b"")
         self._settings = bulk(self._daily_ttl) + bulk(self._grace)

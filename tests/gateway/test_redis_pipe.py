@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import socket
 import subprocess
 import time
@@ -20,7 +21,7 @@ from gateway.embedded_redis import find_redis_server
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
 from gateway.redis_client import create_redis
-from gateway.redis_pipe import Call, RedisPipe, supports
+from gateway.redis_pipe import Call, RedisPipe, Script, supports
 from gateway.redis_quota import RedisQuotaStore
 from gateway.resp import command
 from tests.conftest import Clock, load_test_config, replace_section
@@ -115,6 +116,42 @@ async def test_an_error_reply_fails_its_call_only(pipe: RedisPipe) -> None:
     assert (ok, after) == (b"OK", b"after")
     assert isinstance(error, QuotaStoreUnavailable)
     assert "not an integer" in str(error)
+
+
+async def test_closing_waits_for_calls_written_while_it_waits(server: Server) -> None:
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+    pipe = RedisPipe(client, timeout=1.0)
+    try:
+        first = _calls(command("ECHO", "first"))
+        pipe.send(first)
+        await _results(first)  # connected
+        slow = _calls(command("BLPOP", "never-filled", "0.05"))  # answers after 50 ms
+        pipe.send(slow)
+        closing = asyncio.ensure_future(pipe.aclose())
+        await asyncio.sleep(0.01)  # aclose is waiting for the slow call
+        late = _calls(command("BLPOP", "never-filled", "0.05"))  # answered after the first
+        pipe.send(late)
+        await asyncio.wait_for(closing, 2)
+        assert late[0].future is not None and late[0].future.done()  # not left waiting
+        assert late[0].future.result() is None  # BLPOP's timeout: a nil reply
+    finally:
+        await client.aclose()
+
+
+async def test_scripts_are_loaded_on_connecting_ahead_of_the_first_calls(
+    server: Server,
+) -> None:
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+    await client.script_flush()
+    script = Script(b"return 'loaded'", hashlib.sha1(b"return 'loaded'").hexdigest())
+    pipe = RedisPipe(client, timeout=1.0, scripts=[script])
+    try:
+        calls = _calls(command("SCRIPT", "EXISTS", script.sha))
+        pipe.send(calls)
+        assert await _results(calls) == [[1]]
+    finally:
+        await pipe.aclose()
+        await client.aclose()
 
 
 async def test_batches_sent_back_to_back_keep_their_replies(pipe: RedisPipe) -> None:
