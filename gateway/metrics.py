@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 import math
 import os
@@ -85,12 +86,18 @@ def flush() -> None:
     """Write every route's tallies to the Prometheus metrics."""
     global _flush_scheduled
     _flush_scheduled = False
-    while _dirty:
-        route = _dirty.pop()
+    routes = _dirty[:]
+    _dirty.clear()
+    for route in routes:
         try:
             route._write()
         except Exception:  # one route's failure (a full disk, say) must not stall the others
             log.exception("writing the metrics of %s failed", route.route)
+            _dirty.append(route)  # what is left of its tallies: tried again in a second
+    if _dirty and not _flush_scheduled:
+        with contextlib.suppress(RuntimeError):  # no loop: the next flush tries again
+            asyncio.get_running_loop().call_later(1.0, flush)
+            _flush_scheduled = True
 
 
 class RouteMetrics:
@@ -151,19 +158,21 @@ class RouteMetrics:
             _flush_scheduled = True
 
     def _write(self) -> None:
-        self._queued = False
-        for status, count in self._status_counts.items():
+        """Each count leaves its tally once written, so a failure part way writes none twice."""
+        statuses = self._status_counts
+        for status in list(statuses):
             child = self._requests.get(status)
             if child is None:
                 child = self._requests[status] = REQUESTS.labels(self.route, str(status))
-            child.inc(count)
-        self._status_counts.clear()
-        for tier, units in self._units_counts.items():
+            child.inc(statuses[status])
+            del statuses[status]
+        units = self._units_counts
+        for tier in list(units):
             child = self._units.get(tier)
             if child is None:
                 child = self._units[tier] = UNITS.labels(tier, self.route)
-            child.inc(units)
-        self._units_counts.clear()
+            child.inc(units[tier])
+            del units[tier]
         counts = self._latency_counts
         if any(counts):
             # Histogram has no public call for many observations at once; these are the
@@ -176,3 +185,4 @@ class RouteMetrics:
                     counts[index] = 0
             self._latency._sum.inc(self._latency_sum)
             self._latency_sum = 0.0
+        self._queued = False

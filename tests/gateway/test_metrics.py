@@ -180,3 +180,32 @@ async def test_tallies_written_per_loop_iteration_equal_prometheus_own_observati
         ]
         == sum(1 for s, _ in answers if s == 200) + 1
     )
+
+
+async def test_a_failed_metrics_write_writes_nothing_twice_and_is_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    route = "/tally-failing"
+    rm = metrics.RouteMetrics(route)
+    failing = metrics.REQUESTS.labels(route, "500")
+    calls = {"n": 0}
+    real_inc = failing.inc
+
+    def inc_once_failing(amount: float = 1) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("disk full")
+        real_inc(amount)
+
+    monkeypatch.setattr(failing, "inc", inc_once_failing)
+
+    def count(status: str) -> float:
+        key = ("metergate_requests_total", frozenset({("route", route), ("status", status)}))
+        return _samples(REGISTRY).get(key, 0.0)
+
+    rm.answered(200, 0.001)
+    rm.answered(500, 0.001)
+    await asyncio.sleep(0)  # the loop iteration's flush: the 500 count fails
+    assert (count("200"), count("500")) == (1.0, 0.0)
+    await asyncio.sleep(1.1)  # tried again a second later, without another request
+    assert (count("200"), count("500")) == (1.0, 1.0)
