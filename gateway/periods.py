@@ -23,22 +23,16 @@ def utc_day(now: float) -> str:
 class PeriodClock:
     """Caches the current month and day so the hot path formats no dates."""
 
-    __slots__ = ("_both", "_both_end", "_day", "_day_end", "_month", "_month_end")
+    __slots__ = ("_day", "_day_end", "_month", "_month_end")
 
     def __init__(self) -> None:
         self._month = (0, 0)
         self._month_end = 0.0
         self._day = ""
         self._day_end = 0.0
-        self._both: tuple[tuple[int, int], str] = ((0, 0), "")
-        self._both_end = 0.0
 
     def month_and_day(self, now: float) -> tuple[tuple[int, int], str]:
-        """Both at once, with one check: a UTC month only changes where a UTC day does."""
-        if not self._both_end - 86400 <= now < self._both_end:
-            self._both = (self.month(now), self.day(now))
-            self._both_end = self._day_end
-        return self._both
+        return self.month(now), self.day(now)
 
     def month(self, now: float) -> tuple[int, int]:
         if not self._month[0] <= now < self._month_end:
