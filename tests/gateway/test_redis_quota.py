@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import redis.asyncio as redis
@@ -14,6 +16,29 @@ from gateway.redis_client import create_redis
 from gateway.redis_quota import RedisQuotaStore
 from tests.conftest import Clock, load_test_config
 
+StoreFactory = Callable[..., RedisQuotaStore]
+
+
+@pytest.fixture
+async def make_store(
+    redis_url: str, redis_client: redis.Redis, clock: Clock
+) -> AsyncIterator[StoreFactory]:
+    """Stores on their own clients, as the gateway has them, on a database redis_client
+    has emptied; closed after the test."""
+    made: list[tuple[RedisQuotaStore, redis.Redis]] = []
+
+    def make(**kwargs: Any) -> RedisQuotaStore:
+        client = create_redis(redis_url, timeout=2.0)
+        config = load_test_config("http://127.0.0.1:9")
+        store = RedisQuotaStore(client, config, clock=clock, **kwargs)
+        made.append((store, client))
+        return store
+
+    yield make
+    for store, client in made:
+        await store.aclose()
+        await client.aclose()
+
 
 async def _evalsha_calls(client: redis.Redis) -> int:
     stats = await client.info("commandstats")
@@ -24,25 +49,19 @@ async def _evalsha_calls(client: redis.Redis) -> int:
 async def test_a_charge_that_fails_in_redis_fails_alone(
     raw_pipeline: bool,
     monkeypatch: pytest.MonkeyPatch,
-    redis_url: str,
+    make_store: StoreFactory,
     redis_client: redis.Redis,
-    clock: Clock,
 ) -> None:
     monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
     # Not a hash: the script's HMGET of this usage key fails (WRONGTYPE) mid-batch.
     await redis_client.set(keys.usage_key("acct-broken"), "not a hash")
-    client = create_redis(redis_url, timeout=2.0)
-    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
-    try:
-        before, broken, after = await asyncio.gather(
-            store.charge("acct-before", "/signals", 1),
-            store.charge("acct-broken", "/signals", 1),
-            store.charge("acct-after", "/signals", 1),
-            return_exceptions=True,
-        )
-    finally:
-        await store.aclose()
-        await client.aclose()
+    store = make_store()
+    before, broken, after = await asyncio.gather(
+        store.charge("acct-before", "/signals", 1),
+        store.charge("acct-broken", "/signals", 1),
+        store.charge("acct-after", "/signals", 1),
+        return_exceptions=True,
+    )
     assert isinstance(broken, QuotaStoreUnavailable) and "WRONGTYPE" in str(broken)
     assert not isinstance(before, BaseException) and before.allowed and before.used == 1
     assert not isinstance(after, BaseException) and after.allowed and after.used == 1
@@ -53,25 +72,19 @@ async def test_a_charge_that_fails_in_redis_fails_alone(
 
 
 async def test_a_burst_is_one_write_of_several_script_calls_decided_in_order(
-    redis_url: str, redis_client: redis.Redis, clock: Clock
+    make_store: StoreFactory, redis_client: redis.Redis
 ) -> None:
-    client = create_redis(redis_url, timeout=2.0)
     writes: list[int] = []
-    config = load_test_config("http://127.0.0.1:9")
-    store = RedisQuotaStore(client, config, clock=clock, on_batch=writes.append)
+    store = make_store(on_batch=writes.append)
     burst = 2 * redis_quota._MAX_BATCH + 44
     calls_before = await _evalsha_calls(redis_client)
-    try:
-        decisions = await asyncio.gather(
-            *(store.charge("acct-burst", "/signals", 1) for _ in range(burst))
-        )
-    finally:
-        await store.aclose()
-        await client.aclose()
+    decisions = await asyncio.gather(
+        *(store.charge("acct-burst", "/signals", 1) for _ in range(burst))
+    )
     assert writes == [burst]
     assert await _evalsha_calls(redis_client) - calls_before == 3
     # The free tier's 100 units go to the first 100 charges, as if they had come one by one.
-    included = config.tiers["free"].included_units
+    included = load_test_config("http://127.0.0.1:9").tiers["free"].included_units
     assert [d.allowed for d in decisions] == [True] * included + [False] * (burst - included)
     assert [d.used for d in decisions[:included]] == list(range(1, included + 1))
     assert await redis_client.hget(keys.usage_key("acct-burst"), "used") == str(included).encode()
@@ -79,76 +92,56 @@ async def test_a_burst_is_one_write_of_several_script_calls_decided_in_order(
 
 @pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
 async def test_an_account_that_cannot_be_encoded_fails_alone_and_nothing_waits_forever(
-    raw_pipeline: bool,
-    monkeypatch: pytest.MonkeyPatch,
-    redis_url: str,
-    redis_client: redis.Redis,
-    clock: Clock,
+    raw_pipeline: bool, monkeypatch: pytest.MonkeyPatch, make_store: StoreFactory
 ) -> None:
     # The verifier refuses such a sub; the store must not strand a batch on one anyway.
     monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
-    client = create_redis(redis_url, timeout=2.0)
-    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
-    try:
-        async with asyncio.timeout(5):
-            first, bad, last = await asyncio.gather(
-                store.charge("acct-enc-1", "/signals", 1),
-                store.charge("acct-\ud800", "/signals", 1),
-                store.charge("acct-enc-2", "/signals", 1),
-                return_exceptions=True,
-            )
-    finally:
-        await store.aclose()
-        await client.aclose()
+    store = make_store()
+    async with asyncio.timeout(5):
+        first, bad, last = await asyncio.gather(
+            store.charge("acct-enc-1", "/signals", 1),
+            store.charge("acct-\ud800", "/signals", 1),
+            store.charge("acct-enc-2", "/signals", 1),
+            return_exceptions=True,
+        )
     assert isinstance(bad, QuotaStoreUnavailable)
     assert not isinstance(first, BaseException) and first.used == 1
     assert not isinstance(last, BaseException) and last.used == 1
 
 
 async def test_a_refund_goes_before_a_charge_that_came_after_it_in_the_same_write(
-    redis_url: str, redis_client: redis.Redis, clock: Clock
+    make_store: StoreFactory, redis_client: redis.Redis, clock: Clock
 ) -> None:
     # A free account at 99 of 100 units is charged its 100th, whose backend then fails.
     # Its refund and the account's next charge leave in one write: refunded first, the
     # next charge fits, as it would have one by one.
-    client = create_redis(redis_url, timeout=2.0)
     writes: list[int] = []
-    config = load_test_config("http://127.0.0.1:9")
-    store = RedisQuotaStore(client, config, clock=clock, on_batch=writes.append)
+    store = make_store(on_batch=writes.append)
     account = "acct-order"
     # As after a Redis restart: no script cached. The pipe loads both on connecting, so
     # the refund is not answered NOSCRIPT and sent again behind the charge.
     await redis_client.script_flush()
-    try:
-        await redis_client.hset(
-            keys.usage_key(account),
-            mapping={"period_start": calendar_month(clock.now)[0], "used": 99, "overage": 0},
-        )
-        hundredth = await store.charge(account, "/signals", 1)
-        assert (hundredth.allowed, hundredth.used) == (True, 100)
-        refund = asyncio.ensure_future(store.refund(account, "/signals", 1, hundredth))
-        await asyncio.sleep(0)  # the refund is queued; the flush is not run yet
-        following = store.charge(account, "/signals", 1)
-        assert await refund == 1
-        decision = await following
-    finally:
-        await store.aclose()
-        await client.aclose()
+    await redis_client.hset(
+        keys.usage_key(account),
+        mapping={"period_start": calendar_month(clock.now)[0], "used": 99, "overage": 0},
+    )
+    hundredth = await store.charge(account, "/signals", 1)
+    assert (hundredth.allowed, hundredth.used) == (True, 100)
+    refund = asyncio.ensure_future(store.refund(account, "/signals", 1, hundredth))
+    await asyncio.sleep(0)  # the refund is queued; the flush is not run yet
+    following = store.charge(account, "/signals", 1)
+    assert await refund == 1
+    decision = await following
     assert writes[-1] == 2  # the refund and the charge, in one write
     assert (decision.allowed, decision.used) == (True, 100), decision
 
 
 async def test_a_caller_gone_before_the_write_costs_its_batch_nothing(
-    redis_url: str, redis_client: redis.Redis, clock: Clock
+    make_store: StoreFactory,
 ) -> None:
-    client = create_redis(redis_url, timeout=2.0)
-    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
-    try:
-        gone = store.charge("acct-\ud800", "/signals", 1)
-        asyncio.ensure_future(gone).cancel()  # its request went away before the flush
-        async with asyncio.timeout(5):
-            decision = await store.charge("acct-stays", "/signals", 1)
-    finally:
-        await store.aclose()
-        await client.aclose()
+    store = make_store()
+    gone = store.charge("acct-\ud800", "/signals", 1)
+    asyncio.ensure_future(gone).cancel()  # its request went away before the flush
+    async with asyncio.timeout(5):
+        decision = await store.charge("acct-stays", "/signals", 1)
     assert decision.allowed and decision.used == 1
