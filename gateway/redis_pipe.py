@@ -10,6 +10,11 @@ QuotaStoreUnavailable (a charge Redis may have applied must not be applied twice
 next call connects again. A NOSCRIPT reply means the call did not run, so that call alone is
 sent again, once, after SCRIPT LOAD.
 
+A timeout does not tell whether Redis ran a call, only that it has not answered yet. So a
+timed-out connection fails its callers at once but keeps reading for LATE_REPLY_WINDOW
+seconds (new calls go on a new connection): a call with a ``late`` hook is told the reply
+that came after all, or LOST when the connection ended first and the outcome is unknown.
+
 The connection is borrowed from the redis-py client's pool, connected there (AUTH, SELECT),
 so it lives and dies with that client: closing the client closes it.
 """
@@ -19,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeGuard, cast
 
@@ -33,6 +38,11 @@ from redis.asyncio.connection import (
 
 from gateway.errors import QuotaStoreUnavailable
 from gateway.resp import command
+
+# How long a timed-out connection keeps reading for the replies its callers gave up on.
+LATE_REPLY_WINDOW = 10.0
+# What a ``late`` hook is told when the connection ended before the reply came.
+LOST = QuotaStoreUnavailable("redis connection ended before the reply")
 
 
 def supports(client: object) -> TypeGuard[redis.Redis]:
@@ -53,14 +63,23 @@ class Script:
 
 
 class Call:
-    """One command of a batch; ``script`` is set for EVALSHA (reloaded on NOSCRIPT)."""
+    """One command of a batch; ``script`` is set for EVALSHA (reloaded on NOSCRIPT).
 
-    __slots__ = ("future", "payload", "retried", "script")
+    ``late``, when set, is told how the call ended once nobody waits on its future (it was
+    failed by a timeout, or cancelled): its reply (a hiredis.ReplyError for an error), or
+    LOST when the connection ended first, so Redis may or may not have run it."""
+
+    __slots__ = ("future", "late", "payload", "retried", "script")
 
     def __init__(
-        self, future: asyncio.Future[Any] | None, payload: bytes, script: Script | None = None
+        self,
+        future: asyncio.Future[Any] | None,
+        payload: bytes,
+        script: Script | None = None,
+        late: Callable[[Any], None] | None = None,
     ) -> None:
         self.future, self.payload, self.script, self.retried = future, payload, script, False
+        self.late = late
 
 
 class _Connection(asyncio.Protocol):
@@ -70,8 +89,10 @@ class _Connection(asyncio.Protocol):
         loop: asyncio.AbstractEventLoop,
         timeout: float,
         transport: asyncio.BaseTransport,
+        borrowed: AbstractConnection | None = None,
     ) -> None:
         self._pipe, self._loop, self._timeout = pipe, loop, timeout
+        self.borrowed = borrowed  # redis-py's connection, given back when this one ends
         # uvloop's transports do not derive from asyncio.Transport; they offer its methods.
         self._transport: asyncio.Transport | None = cast(asyncio.Transport, transport)
         # redis-py's stream protocol, told when the connection ends so its side closes too.
@@ -85,6 +106,8 @@ class _Connection(asyncio.Protocol):
         self._received = 0
         self._timer: asyncio.TimerHandle | None = None
         self.alive = True
+        self.draining = False  # timed out: reading the late replies, taking no new calls
+        self.ended = loop.create_future()  # set once given back or failed
 
     def write(self, calls: list[Call]) -> None:
         assert self._transport is not None
@@ -106,9 +129,24 @@ class _Connection(asyncio.Protocol):
         if not deadlines:
             return
         if deadlines[0][1] <= self._loop.time():
-            self.fail(QuotaStoreUnavailable("redis unavailable: TimeoutError"))
+            self._timed_out()
         else:
             self._timer = self._loop.call_at(deadlines[0][1], self._expire)
+
+    def _timed_out(self) -> None:
+        error = QuotaStoreUnavailable("redis unavailable: TimeoutError")
+        if not any(c.late is not None for c in self._waiting):
+            self.fail(error)
+            return
+        # The callers get their 503 now, yet Redis may still run their calls: keep reading
+        # a while, so a charge it ran late is known (and refunded), not guessed at.
+        self.draining = True
+        self._deadlines.clear()
+        self._pipe.retire(self)
+        for call in self._waiting:
+            if call.future is not None and not call.future.done():
+                call.future.set_exception(error)
+        self._timer = self._loop.call_later(LATE_REPLY_WINDOW, self.fail, error)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -121,6 +159,12 @@ class _Connection(asyncio.Protocol):
                 call = waiting.popleft()
                 received += 1
                 future = call.future
+                if future is None or future.done():
+                    # Nobody waits for it (a timeout, or the caller went away); a NOSCRIPT
+                    # is not retried then: the call did not run, which is all to tell.
+                    if call.late is not None:
+                        call.late(reply)
+                    continue
                 if type(reply) is hiredis.ReplyError:
                     if (
                         call.script is not None
@@ -130,15 +174,18 @@ class _Connection(asyncio.Protocol):
                         call.retried = True
                         retry.append(call)
                         continue
-                    if future is not None and not future.done():
-                        future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
-                elif future is not None and not future.done():
+                    future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
+                else:
                     future.set_result(reply)
         except (hiredis.ProtocolError, IndexError) as exc:
             self.fail(QuotaStoreUnavailable(f"redis protocol error: {exc}"))
             return
         finally:
             self._received += received
+        if self.draining:
+            if not waiting:  # every late reply is in: the connection is as good as new
+                self.detach()
+            return
         if retry:
             # Those calls did not run (the script cache was flushed, or a new server): load
             # the scripts, then run exactly them again; the batch's others are settled already.
@@ -166,6 +213,12 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
             self._transport = None
+        # Written, never answered: Redis may or may not have run them.
+        for call in waiting:
+            if call.late is not None:
+                call.late(LOST)
+        if not self.ended.done():
+            self.ended.set_result(None)
 
     def futures(self) -> list[asyncio.Future[Any]]:
         return [c.future for c in self._waiting if c.future is not None]
@@ -179,6 +232,8 @@ class _Connection(asyncio.Protocol):
             self._transport.set_protocol(self._original)
             self._transport = None
         self._pipe.lost(self, broken=False)
+        if not self.ended.done():
+            self.ended.set_result(None)
 
 
 class RedisPipe:
@@ -194,7 +249,7 @@ class RedisPipe:
         # which would put it behind calls that came after it.
         self._loads = [command("SCRIPT", "LOAD", s.source) for s in scripts]
         self._conn: _Connection | None = None
-        self._borrowed: AbstractConnection | None = None
+        self._draining: set[_Connection] = set()  # timed out, still reading late replies
         self._queue: list[Call] = []  # waiting for the connection
         self._connecting: asyncio.Task[None] | None = None
         self._returning: set[asyncio.Task[None]] = set()
@@ -208,11 +263,20 @@ class RedisPipe:
         if self._connecting is None:
             self._connecting = asyncio.get_running_loop().create_task(self._connect())
 
+    def retire(self, conn: _Connection) -> None:
+        """Send no more calls on ``conn`` (it is reading late replies); the next connects."""
+        if self._conn is conn:
+            self._conn = None
+            self._draining.add(conn)
+
     def lost(self, conn: _Connection, *, broken: bool) -> None:
-        if self._conn is not conn:
+        if self._conn is conn:
+            self._conn = None
+        elif conn in self._draining:
+            self._draining.discard(conn)
+        else:
             return
-        self._conn = None
-        borrowed, self._borrowed = self._borrowed, None
+        borrowed, conn.borrowed = conn.borrowed, None
         if borrowed is not None:
             task = asyncio.get_running_loop().create_task(self._give_back(borrowed, broken=broken))
             self._returning.add(task)
@@ -251,13 +315,18 @@ class RedisPipe:
             return
         finally:
             self._connecting = None
-        self._borrowed = borrowed
-        self._conn = conn = _Connection(self, loop, self._timeout, transport)
+        self._conn = conn = _Connection(self, loop, self._timeout, transport, borrowed)
         queue, self._queue = self._queue, []
         if queue:  # a connection is made for calls; they come after the script loads
             conn.write([Call(None, load) for load in self._loads] + queue)
 
+    async def drained(self) -> None:
+        """Wait until the timed-out connections have their late replies (or gave up)."""
+        while self._draining:
+            await asyncio.gather(*(c.ended for c in self._draining))
+
     async def aclose(self) -> None:
+        await self.drained()
         if self._connecting is not None:
             await asyncio.gather(self._connecting, return_exceptions=True)
         conn = self._conn
