@@ -46,7 +46,9 @@ UNITS = Counter(
     "metergate_units_charged_total", "Units charged, by tier and route.", ["tier", "route"]
 )
 REFUNDS = Counter(
-    "metergate_units_refunded_total", "Units refunded after backend failures.", ["route"]
+    "metergate_units_refunded_total",
+    "Units refunded: backend failures, and charges applied after their request was refused.",
+    ["route"],
 )
 DENIALS = Counter("metergate_denials_total", "Requests refused, by reason.", ["reason"])
 UPSTREAM_ERRORS = Counter(
@@ -56,6 +58,12 @@ UPSTREAM_ERRORS = Counter(
 )
 REDIS_ERRORS = Counter(
     "metergate_redis_errors_total", "Charges or refunds that Redis failed.", ["op"]
+)
+ABANDONED = Counter(
+    "metergate_abandoned_charges_total",
+    "Charges whose request was refused or gone before Redis answered, by what became of "
+    "them: refunded (Redis had charged them), not_charged, unknown (no reply ever came).",
+    ["outcome"],
 )
 FAIL_OPEN = Counter(
     "metergate_failopen_units_total", "Units let through unmetered while Redis was down.", ["route"]

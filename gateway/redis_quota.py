@@ -6,6 +6,11 @@ once for the lot instead of once per request, and each charge is still decided o
 own, in order, atomically. So under load the round trips per request fall well below one
 while every decision stays exact. Refunds ride along in the same write. Through redis-py
 (a cluster, TLS, RESP3), each call carries one charge: a cluster call keeps to one slot.
+
+A charge whose caller stopped waiting (Redis answered after the timeout, so the request got
+its 503; or the caller was cancelled) is followed up when the reply comes: units Redis
+charged after all are refunded. One whose reply never comes (the connection ended) may or
+may not have been charged; it is counted and logged with its account, route and units.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
+import hiredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
 from config.model import Config
-from gateway import keys
+from gateway import keys, metrics
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import PeriodClock
 from gateway.quota import Decision, Reason
@@ -131,6 +137,7 @@ class RedisQuotaStore:
         self._settings = bulk(self._daily_ttl) + bulk(self._grace)
         self._routes: dict[tuple[str, int, str], bytes] = {}
         self._accounts: dict[str, tuple[str, bytes]] = {}
+        self._late_refunds: set[asyncio.Task[None]] = set()
 
     def charge(
         self, account: str, route: str, cost: int, allowed_tiers: str = ""
@@ -250,8 +257,10 @@ class RedisQuotaStore:
                     payload, day, batch = self._charge_call(segment[at : at + _MAX_BATCH], now)
                     if batch:
                         future = self._loop.create_future()
-                        future.add_done_callback(functools.partial(_settle_charges, batch, day))
-                        calls.append(Call(future, payload, self._charge_script))
+                        settle = functools.partial(_settle_charges, batch, day, self._abandoned)
+                        future.add_done_callback(settle)
+                        late = functools.partial(self._late_batch, batch, day)
+                        calls.append(Call(future, payload, self._charge_script, late))
                         count += len(batch)
         except Exception as exc:
             log.error("encoding a Redis batch failed: %r", exc, exc_info=exc)
@@ -262,6 +271,52 @@ class RedisQuotaStore:
         self._pipe.send(calls)
         if self._on_batch is not None:
             self._on_batch(count)
+
+    def _late_batch(self, charges: Sequence[_Charge], day: str, replies: Any) -> None:
+        """A script call answered after its callers had their 503, or never (LOST)."""
+        if isinstance(replies, list) and len(replies) == len(charges):
+            for charge, reply in zip(charges, replies, strict=True):
+                self._abandoned(charge, reply, day)
+        elif type(replies) is hiredis.ReplyError:  # the script did not run
+            metrics.ABANDONED.labels("not_charged").inc(len(charges))
+        else:
+            for account, route_args, _ in charges:
+                route, cost = _route_and_cost(route_args)
+                metrics.ABANDONED.labels("unknown").inc()
+                log.warning(
+                    "charge of %d units to %s on %s: no reply from Redis, it may have been "
+                    "applied (the request was refused)",
+                    cost,
+                    account,
+                    route,
+                )
+
+    def _abandoned(self, charge: _Charge, reply: Any, day: str) -> None:
+        """A decision nobody acts on: units it charged are given back."""
+        try:
+            decision = _decision(reply, day)
+        except Exception:  # an error reply, or another shape: nothing was charged
+            decision = None
+        account, route_args, _ = charge
+        route, cost = _route_and_cost(route_args)
+        if decision is None or not decision.allowed or not cost:
+            metrics.ABANDONED.labels("not_charged").inc()
+            return
+        metrics.ABANDONED.labels("refunded").inc()
+        task = asyncio.ensure_future(self._refund_abandoned(account, route, cost, decision))
+        self._late_refunds.add(task)
+        task.add_done_callback(self._late_refunds.discard)
+
+    async def _refund_abandoned(
+        self, account: str, route: str, cost: int, decision: Decision
+    ) -> None:
+        try:
+            units = await self.refund(account, route, cost, decision)
+        except QuotaStoreUnavailable as exc:
+            metrics.REDIS_ERRORS.labels("refund").inc()
+            log.error("refund of %s units to %s (a refused request) failed: %s", cost, account, exc)
+        else:
+            metrics.REFUNDS.labels(route).inc(units)
 
     async def refund(self, account: str, route: str, cost: int, decision: Decision) -> int:
         if self._pipe is not None:
@@ -388,6 +443,10 @@ class RedisQuotaStore:
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
         if self._pipe is not None:
+            await self._pipe.drained()  # late replies may still owe refunds
+        while self._late_refunds:
+            await asyncio.gather(*self._late_refunds, return_exceptions=True)
+        if self._pipe is not None:
             await self._pipe.aclose()
 
 
@@ -417,8 +476,14 @@ def _decision(reply: Any, day: str) -> Decision:
     )
 
 
-def _settle_charges(charges: Sequence[_Charge], day: str, done: asyncio.Future[Any]) -> None:
-    """Hand each charge of a script call its own decision, or its own error."""
+def _settle_charges(
+    charges: Sequence[_Charge],
+    day: str,
+    abandoned: Callable[[_Charge, Any, str], None],
+    done: asyncio.Future[Any],
+) -> None:
+    """Hand each charge of a script call its own decision, or its own error; the reply of
+    a charge whose caller went away goes to ``abandoned``."""
     error: BaseException | None = None
     replies: Any = None
     if done.cancelled():
@@ -435,8 +500,10 @@ def _settle_charges(charges: Sequence[_Charge], day: str, done: asyncio.Future[A
             if not future.done():  # done: the caller went away
                 future.set_exception(error)
         return
-    for (_, _, future), reply in zip(charges, replies, strict=True):
-        if future.done():
+    for charge, reply in zip(charges, replies, strict=True):
+        future = charge[2]
+        if future.done():  # cancelled: the request will not be forwarded
+            abandoned(charge, reply, day)
             continue
         if isinstance(reply, Exception):
             future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
@@ -447,6 +514,14 @@ def _settle_charges(charges: Sequence[_Charge], day: str, done: asyncio.Future[A
             future.set_exception(QuotaStoreUnavailable(f"redis answered {reply!r:.200}: {exc!r}"))
         else:
             future.set_result(decision)
+
+
+def _route_and_cost(route_args: bytes) -> tuple[str, int]:
+    """A charge's route and cost back from its encoded arguments (cost, route, tiers)."""
+    reader = hiredis.Reader()
+    reader.feed(b"*3\r\n" + route_args)
+    cost, route, _ = reader.gets()
+    return route.decode(), int(cost)
 
 
 def _fail_all(segments: Iterable[list[_Charge] | Call], error: QuotaStoreUnavailable) -> None:

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from config.load import ConfigError, validate
 from gateway import keys
@@ -74,6 +75,11 @@ async def _timed_get(
         return resp.status, body, time.monotonic() - started, dict(resp.headers)
 
 
+def _abandoned(outcome: str) -> float:
+    labels = {"outcome": outcome}
+    return REGISTRY.get_sample_value("metergate_abandoned_charges_total", labels) or 0.0
+
+
 async def _eventually(check: Callable[[], object], timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -128,6 +134,7 @@ async def test_redis_that_hangs_answers_503_within_a_second(
     upstream_url, seen = backend
     gateway = await start_gateway(load_test_config(upstream_url), url=private_redis.url)
     signals = gateway.make_url("/signals")
+    refunded = _abandoned("refunded")
     async with aiohttp.ClientSession() as session:
         assert (await _timed_get(session, signals, headers=auth("acct-hang")))[0] == 200
         # Redis accepts the command but does not answer for 1.2 s.
@@ -140,6 +147,10 @@ async def test_redis_that_hangs_answers_503_within_a_second(
         assert seen == ["/signals"]
         await asyncio.sleep(max(0.0, paused + 1.3 - time.monotonic()))
         assert (await _timed_get(session, signals, headers=auth("acct-hang")))[0] == 200
+    # Redis ran the refused request's charge once unpaused; the gateway, still reading that
+    # connection, gave the unit back: the account paid for the two it was served.
+    assert int(await private_client.hget(keys.usage_key("acct-hang"), "used")) == 2
+    assert _abandoned("refunded") == refunded + 1
 
 
 async def test_fail_open_lets_requests_through_and_ledgers_them(

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as redis
 import uvloop
+from prometheus_client import REGISTRY
 
 from gateway import keys
 from gateway.embedded_redis import find_redis_server
@@ -361,3 +362,59 @@ async def test_a_batch_of_charges_is_encoded_exactly_as_redis_py_encodes_it() ->
             for account, route, cost, allowed in charges
         ]
         assert store._charge_call(batch, now) == (expected, day, batch)
+
+
+async def test_a_timed_out_call_is_told_its_late_reply(server: Server) -> None:
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+    pipe = RedisPipe(client, timeout=0.2)
+    other = redis.Redis(port=server.port)
+    try:
+        pipe.send(warm := _calls(command("PING")))
+        await _results(warm)
+        await other.execute_command("CLIENT", "PAUSE", 600, "ALL")
+        told: list[Any] = []
+        loop = asyncio.get_running_loop()
+        late = [Call(loop.create_future(), command("INCR", "late"), late=told.append)]
+        started = time.monotonic()
+        pipe.send(late)
+        (result,) = await _results(late)
+        assert isinstance(result, QuotaStoreUnavailable)  # the caller does not wait ...
+        assert time.monotonic() - started < 0.5
+        async with asyncio.timeout(2):  # ... the connection does, far less than its window
+            await pipe.drained()
+        assert told == [1]  # Redis ran it once released
+        pipe.send(after := _calls(command("INCR", "late")))  # the pipe goes on as before
+        assert await _results(after) == [2]
+    finally:
+        await pipe.aclose()
+        await client.aclose()
+        await other.aclose()
+
+
+async def test_a_timed_out_call_whose_connection_ends_is_told_lost(
+    server: Server, clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+    config = replace_section(
+        load_test_config("http://127.0.0.1:9"), metering={"redis_timeout_seconds": 0.2}
+    )
+    store = RedisQuotaStore(client, config, clock=clock)
+    other = redis.Redis(port=server.port)
+    unknown = REGISTRY.get_sample_value("metergate_abandoned_charges_total", {"outcome": "unknown"})
+    try:
+        await store.charge("acct-lost", "/signals", 1)  # connected
+        await other.execute_command("CLIENT", "PAUSE", 5000, "ALL")
+        with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
+            await store.charge("acct-lost", "/signals", 2)
+        assert server.proc is not None
+        server.proc.kill()  # the server dies with the charge unanswered
+        server.proc.wait()
+        server.proc = None
+        async with asyncio.timeout(5):
+            await store.aclose()
+    finally:
+        await client.aclose()
+        await other.aclose()
+    after = REGISTRY.get_sample_value("metergate_abandoned_charges_total", {"outcome": "unknown"})
+    assert (after or 0.0) == (unknown or 0.0) + 1
+    assert "charge of 2 units to acct-lost on /signals: no reply from Redis" in caplog.text

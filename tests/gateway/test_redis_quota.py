@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 import redis.asyncio as redis
+from prometheus_client import REGISTRY
 
 from gateway import keys, redis_quota
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
 from gateway.redis_client import create_redis
 from gateway.redis_quota import RedisQuotaStore
-from tests.conftest import Clock, load_test_config
+from tests.conftest import Clock, load_test_config, replace_section
 
 StoreFactory = Callable[..., RedisQuotaStore]
 
@@ -27,9 +28,11 @@ async def make_store(
     has emptied; closed after the test."""
     made: list[tuple[RedisQuotaStore, redis.Redis]] = []
 
-    def make(**kwargs: Any) -> RedisQuotaStore:
+    def make(timeout: float | None = None, **kwargs: Any) -> RedisQuotaStore:
         client = create_redis(redis_url, timeout=2.0)
         config = load_test_config("http://127.0.0.1:9")
+        if timeout is not None:
+            config = replace_section(config, metering={"redis_timeout_seconds": timeout})
         store = RedisQuotaStore(client, config, clock=clock, **kwargs)
         made.append((store, client))
         return store
@@ -38,6 +41,21 @@ async def make_store(
     for store, client in made:
         await store.aclose()
         await client.aclose()
+
+
+# Holds Redis for ARGV[1] microseconds: no other client is served meanwhile, as when a slow
+# command or a stalled disk holds a real one.
+_HOLD = """
+local t = redis.call('TIME')
+local stop = t[1] * 1000000 + t[2] + tonumber(ARGV[1])
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop
+return 1
+"""
+
+
+def _abandoned(outcome: str) -> float:
+    value = REGISTRY.get_sample_value("metergate_abandoned_charges_total", {"outcome": outcome})
+    return value or 0.0
 
 
 async def _evalsha_calls(client: redis.Redis) -> int:
@@ -145,3 +163,63 @@ async def test_a_caller_gone_before_the_write_costs_its_batch_nothing(
     async with asyncio.timeout(5):
         decision = await store.charge("acct-stays", "/signals", 1)
     assert decision.allowed and decision.used == 1
+
+
+async def test_a_charge_redis_answers_after_its_timeout_is_refunded(
+    make_store: StoreFactory, redis_client: redis.Redis
+) -> None:
+    store = make_store(timeout=0.2)
+    account = "acct-late"
+    assert (await store.charge(account, "/signals", 1)).used == 1  # connected, scripts loaded
+    refunded = _abandoned("refunded")
+    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 700_000))
+    await asyncio.sleep(0.1)  # Redis is held
+    with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
+        await store.charge(account, "/signals", 1)  # the request gets its 503 ...
+    await hold  # ... yet Redis charges it once released
+    async with asyncio.timeout(5):
+        await store.aclose()  # waits for the late reply and the refund it owes
+    assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
+    daily = await redis_client.hgetall(keys.daily_key(account, "2026-09-21"))
+    assert daily == {b"/signals": b"1"}
+    assert _abandoned("refunded") == refunded + 1
+
+
+async def test_a_charge_whose_caller_went_away_is_refunded(
+    make_store: StoreFactory, redis_client: redis.Redis
+) -> None:
+    store = make_store()
+    account = "acct-cancelled"
+    refunded = _abandoned("refunded")
+    gone = asyncio.ensure_future(store.charge(account, "/signals", 2))
+    stays = store.charge(account, "/signals", 1)
+    await asyncio.sleep(0)  # both are in the write
+    gone.cancel()  # its request went away: it will not be forwarded
+    assert (await stays).used == 3  # charged after the one that went away
+    async with asyncio.timeout(5):
+        await store.aclose()
+    assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
+    assert _abandoned("refunded") == refunded + 1
+
+
+async def test_a_denied_charge_answered_late_is_not_refunded(
+    make_store: StoreFactory, redis_client: redis.Redis, clock: Clock
+) -> None:
+    store = make_store(timeout=0.2)
+    account = "acct-late-denied"
+    included = load_test_config("http://127.0.0.1:9").tiers["free"].included_units
+    await redis_client.hset(
+        keys.usage_key(account),
+        mapping={"period_start": calendar_month(clock.now)[0], "used": included, "overage": 0},
+    )
+    assert not (await store.charge(account, "/signals", 1)).allowed  # connected
+    not_charged = _abandoned("not_charged")
+    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 700_000))
+    await asyncio.sleep(0.1)
+    with pytest.raises(QuotaStoreUnavailable):
+        await store.charge(account, "/signals", 1)
+    await hold
+    async with asyncio.timeout(5):
+        await store.aclose()
+    assert await redis_client.hget(keys.usage_key(account), "used") == str(included).encode()
+    assert _abandoned("not_charged") == not_charged + 1
