@@ -62,7 +62,7 @@ REDIS_ERRORS = Counter(
 ABANDONED = Counter(
     "metergate_abandoned_charges_total",
     "Charges whose request was refused or gone before Redis answered, by what became of "
-    "them: refunded (Redis had charged them), not_charged, unknown (no reply ever came).",
+    "them: refunded (Redis had charged them), refund_failed, not_charged, unknown (no reply came).",
     ["outcome"],
 )
 FAIL_OPEN = Counter(

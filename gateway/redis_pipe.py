@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from redis.asyncio.connection import (
 
 from gateway.errors import QuotaStoreUnavailable
 from gateway.resp import command
+
+log = logging.getLogger(__name__)
 
 # How long a timed-out connection keeps reading for the replies its callers gave up on.
 LATE_REPLY_WINDOW = 10.0
@@ -90,8 +93,10 @@ class _Connection(asyncio.Protocol):
         timeout: float,
         transport: asyncio.BaseTransport,
         borrowed: AbstractConnection | None = None,
+        late_window: float = LATE_REPLY_WINDOW,
     ) -> None:
         self._pipe, self._loop, self._timeout = pipe, loop, timeout
+        self._late_window = late_window
         self.borrowed = borrowed  # redis-py's connection, given back when this one ends
         # uvloop's transports do not derive from asyncio.Transport; they offer its methods.
         self._transport: asyncio.Transport | None = cast(asyncio.Transport, transport)
@@ -108,6 +113,7 @@ class _Connection(asyncio.Protocol):
         self.alive = True
         self.draining = False  # timed out: reading the late replies, taking no new calls
         self.ended = loop.create_future()  # set once given back or failed
+        self._idle: asyncio.Future[None] | None = None  # set once no call waits for a reply
 
     def write(self, calls: list[Call]) -> None:
         assert self._transport is not None
@@ -143,10 +149,29 @@ class _Connection(asyncio.Protocol):
         self.draining = True
         self._deadlines.clear()
         self._pipe.retire(self)
+        self._set_idle()  # for whoever waits on the pipe: this one is draining now
         for call in self._waiting:
             if call.future is not None and not call.future.done():
                 call.future.set_exception(error)
-        self._timer = self._loop.call_later(LATE_REPLY_WINDOW, self.fail, error)
+        self._timer = self._loop.call_later(self._late_window, self.fail, error)
+
+    def idle(self) -> asyncio.Future[None]:
+        """Resolved once no call on this connection waits for its reply (or it drains)."""
+        if self._idle is None:
+            self._idle = self._loop.create_future()
+            if not self._waiting or self.draining or not self.alive:
+                self._idle.set_result(None)
+        return self._idle
+
+    def _set_idle(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
+
+    @property
+    def busy(self) -> bool:
+        """Whether calls wait for replies here (cancelled callers' calls too)."""
+        return bool(self._waiting) and self.alive and not self.draining
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
@@ -163,7 +188,7 @@ class _Connection(asyncio.Protocol):
                     # Nobody waits for it (a timeout, or the caller went away); a NOSCRIPT
                     # is not retried then: the call did not run, which is all to tell.
                     if call.late is not None:
-                        call.late(reply)
+                        _tell(call, reply)
                     continue
                 if type(reply) is hiredis.ReplyError:
                     if (
@@ -186,6 +211,8 @@ class _Connection(asyncio.Protocol):
             if not waiting:  # every late reply is in: the connection is as good as new
                 self.detach()
             return
+        if not waiting and not retry:
+            self._set_idle()
         if retry:
             # Those calls did not run (the script cache was flushed, or a new server): load
             # the scripts, then run exactly them again; the batch's others are settled already.
@@ -213,15 +240,15 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None:
             self._transport.abort()
             self._transport = None
-        # Written, never answered: Redis may or may not have run them.
-        for call in waiting:
-            if call.late is not None:
-                call.late(LOST)
-        if not self.ended.done():
-            self.ended.set_result(None)
-
-    def futures(self) -> list[asyncio.Future[Any]]:
-        return [c.future for c in self._waiting if c.future is not None]
+        try:
+            # Written, never answered: Redis may or may not have run them.
+            for call in waiting:
+                if call.late is not None:
+                    _tell(call, LOST)
+        finally:
+            self._set_idle()
+            if not self.ended.done():
+                self.ended.set_result(None)
 
     def detach(self) -> None:
         """Give the connection back to redis-py, every reply read (for the pool to reuse)."""
@@ -232,18 +259,34 @@ class _Connection(asyncio.Protocol):
             self._transport.set_protocol(self._original)
             self._transport = None
         self._pipe.lost(self, broken=False)
+        self._set_idle()
         if not self.ended.done():
             self.ended.set_result(None)
+
+
+def _tell(call: Call, reply: Any) -> None:
+    """A late hook's failure is logged, and does not keep the other calls from theirs."""
+    assert call.late is not None
+    try:
+        call.late(reply)
+    except Exception:
+        log.exception("a late Redis reply's hook failed")
 
 
 class RedisPipe:
     """Sends batches of pre-encoded commands on one persistent connection, in order."""
 
     def __init__(
-        self, client: redis.Redis, *, timeout: float, scripts: Sequence[Script] = ()
+        self,
+        client: redis.Redis,
+        *,
+        timeout: float,
+        scripts: Sequence[Script] = (),
+        late_window: float = LATE_REPLY_WINDOW,
     ) -> None:
         self._pool = client.connection_pool
         self._timeout = timeout
+        self._late_window = late_window
         # Loaded ahead of the first calls on every new connection (a restarted or failed
         # over server has none): a NOSCRIPT call is sent again after the rest of its write,
         # which would put it behind calls that came after it.
@@ -315,7 +358,9 @@ class RedisPipe:
             return
         finally:
             self._connecting = None
-        self._conn = conn = _Connection(self, loop, self._timeout, transport, borrowed)
+        self._conn = conn = _Connection(
+            self, loop, self._timeout, transport, borrowed, self._late_window
+        )
         queue, self._queue = self._queue, []
         if queue:  # a connection is made for calls; they come after the script loads
             conn.write([Call(None, load) for load in self._loads] + queue)
@@ -323,19 +368,27 @@ class RedisPipe:
     async def drained(self) -> None:
         """Wait until the timed-out connections have their late replies (or gave up)."""
         while self._draining:
-            await asyncio.gather(*(c.ended for c in self._draining))
+            # asyncio.wait, not gather: a cancelled waiter leaves the shared futures alone.
+            await asyncio.wait([c.ended for c in self._draining])
+
+    async def settled(self) -> None:
+        """Wait until every call sent has its reply, or failed and its connection is done
+        reading; also calls sent meanwhile. The timeout and the late window bound it."""
+        while True:
+            conn = self._conn
+            if self._connecting is not None:
+                await asyncio.wait([self._connecting])
+            elif conn is not None and conn.busy:
+                await asyncio.wait([conn.idle()])
+            elif self._draining:
+                await self.drained()
+            else:
+                return
 
     async def aclose(self) -> None:
-        await self.drained()
-        if self._connecting is not None:
-            await asyncio.gather(self._connecting, return_exceptions=True)
+        await self.settled()
         conn = self._conn
-        if conn is not None:
-            # Let the calls in flight be answered (the timeout bounds this), then give the
-            # connection back to the pool.
-            while futures := conn.futures():  # also calls written while waiting
-                await asyncio.gather(*futures, return_exceptions=True)
-            if conn.alive:
-                conn.detach()
+        if conn is not None and conn.alive:
+            conn.detach()  # every reply read: the pool can reuse it
         if self._returning:
             await asyncio.gather(*self._returning, return_exceptions=True)

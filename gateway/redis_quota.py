@@ -209,6 +209,8 @@ class RedisQuotaStore:
         carried: list[_Charge] = []
         key_parts: list[bytes] = []
         for charge in charges:
+            if charge[2].done():  # its caller went away before the write: not charged
+                continue
             account = charge[0]
             account_keys = accounts.get(account)
             if account_keys is None or account_keys[0] != day:
@@ -302,7 +304,6 @@ class RedisQuotaStore:
         if decision is None or not decision.allowed or not cost:
             metrics.ABANDONED.labels("not_charged").inc()
             return
-        metrics.ABANDONED.labels("refunded").inc()
         task = asyncio.ensure_future(self._refund_abandoned(account, route, cost, decision))
         self._late_refunds.add(task)
         task.add_done_callback(self._late_refunds.discard)
@@ -313,9 +314,17 @@ class RedisQuotaStore:
         try:
             units = await self.refund(account, route, cost, decision)
         except QuotaStoreUnavailable as exc:
+            metrics.ABANDONED.labels("refund_failed").inc()
             metrics.REDIS_ERRORS.labels("refund").inc()
-            log.error("refund of %s units to %s (a refused request) failed: %s", cost, account, exc)
+            log.error(
+                "refund of %s units to %s on %s (charged after its request was refused) failed: %s",
+                cost,
+                account,
+                route,
+                exc,
+            )
         else:
+            metrics.ABANDONED.labels("refunded").inc()
             metrics.REFUNDS.labels(route).inc(units)
 
     async def refund(self, account: str, route: str, cost: int, decision: Decision) -> int:
@@ -442,10 +451,14 @@ class RedisQuotaStore:
             self._flush_pipe()
         if self._inflight:
             await asyncio.gather(*self._inflight, return_exceptions=True)
-        if self._pipe is not None:
-            await self._pipe.drained()  # late replies may still owe refunds
-        while self._late_refunds:
-            await asyncio.gather(*self._late_refunds, return_exceptions=True)
+        # Every reply in, late ones too, and the refunds they owe applied: a reply may owe
+        # a refund, and a refund is one more call to wait for.
+        while True:
+            if self._pipe is not None:
+                await self._pipe.settled()
+            if not self._late_refunds:
+                break
+            await asyncio.wait(self._late_refunds)
         if self._pipe is not None:
             await self._pipe.aclose()
 
@@ -503,7 +516,10 @@ def _settle_charges(
     for charge, reply in zip(charges, replies, strict=True):
         future = charge[2]
         if future.done():  # cancelled: the request will not be forwarded
-            abandoned(charge, reply, day)
+            try:
+                abandoned(charge, reply, day)
+            except Exception:  # logged; the batch's other charges are settled all the same
+                log.exception("following up a charge whose caller went away failed")
             continue
         if isinstance(reply, Exception):
             future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))

@@ -22,7 +22,7 @@ from gateway.embedded_redis import find_redis_server
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
 from gateway.redis_client import create_redis
-from gateway.redis_pipe import Call, RedisPipe, Script, supports
+from gateway.redis_pipe import LOST, Call, RedisPipe, Script, supports
 from gateway.redis_quota import RedisQuotaStore
 from gateway.resp import command
 from tests.conftest import Clock, load_test_config, replace_section
@@ -418,3 +418,40 @@ async def test_a_timed_out_call_whose_connection_ends_is_told_lost(
     after = REGISTRY.get_sample_value("metergate_abandoned_charges_total", {"outcome": "unknown"})
     assert (after or 0.0) == (unknown or 0.0) + 1
     assert "charge of 2 units to acct-lost on /signals: no reply from Redis" in caplog.text
+
+
+async def test_a_late_reply_past_the_window_is_told_lost_and_a_bad_hook_harms_no_other(
+    server: Server,
+) -> None:
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+    pipe = RedisPipe(client, timeout=0.1, late_window=0.3)
+    other = redis.Redis(port=server.port)
+    try:
+        pipe.send(warm := _calls(command("PING")))
+        await _results(warm)
+        await other.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        told: list[Any] = []
+
+        def broken(reply: Any) -> None:
+            raise RuntimeError("a bug in a hook")
+
+        loop = asyncio.get_running_loop()
+        calls = [
+            Call(loop.create_future(), command("INCR", "slow"), late=broken),
+            Call(loop.create_future(), command("INCR", "slow"), late=told.append),
+        ]
+        pipe.send(calls)
+        await _results(calls)
+        with pytest.raises(TimeoutError):  # a waiter that gives up leaves the pipe intact
+            async with asyncio.timeout(0.05):
+                await pipe.drained()
+        async with asyncio.timeout(2):
+            await pipe.drained()  # the window ended before Redis answered
+        assert told == [LOST]
+        await other.execute_command("CLIENT", "UNPAUSE")
+        pipe.send(after := _calls(command("PING")))
+        assert await _results(after) == [b"PONG"]
+    finally:
+        await pipe.aclose()
+        await client.aclose()
+        await other.aclose()

@@ -223,3 +223,47 @@ async def test_a_denied_charge_answered_late_is_not_refunded(
         await store.aclose()
     assert await redis_client.hget(keys.usage_key(account), "used") == str(included).encode()
     assert _abandoned("not_charged") == not_charged + 1
+
+
+async def test_closing_waits_for_a_late_reply_and_its_refund(
+    make_store: StoreFactory, redis_client: redis.Redis
+) -> None:
+    # A shutdown while Redis is held: the charge times out during aclose, and aclose still
+    # returns only once Redis answered it and the refund it owes is applied.
+    store = make_store(timeout=0.2)
+    account = "acct-closing"
+    await store.charge(account, "/signals", 1)
+    refunded = _abandoned("refunded")
+    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 700_000))
+    await asyncio.sleep(0.1)
+    pending = asyncio.ensure_future(store.charge(account, "/signals", 1))
+    await asyncio.sleep(0)  # queued
+    async with asyncio.timeout(5):
+        await store.aclose()
+    # Counted once the refund is applied: checked before anything else may run.
+    assert _abandoned("refunded") == refunded + 1
+    left = [t for t in asyncio.all_tasks() if "_refund_abandoned" in repr(t.get_coro())]
+    assert not left, left
+    assert isinstance(pending.exception(), QuotaStoreUnavailable)
+    await hold
+    assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
+
+
+async def test_closing_refunds_a_charge_cancelled_in_flight_and_skips_one_cancelled_before(
+    make_store: StoreFactory, redis_client: redis.Redis
+) -> None:
+    store = make_store()
+    account = "acct-shutdown"
+    await store.charge(account, "/signals", 1)  # connected
+    refunded = _abandoned("refunded")
+    before = asyncio.ensure_future(store.charge(account, "/signals", 5))
+    before.cancel()  # cancelled before its write: never sent
+    in_flight = asyncio.ensure_future(store.charge(account, "/signals", 2))
+    await asyncio.sleep(0)  # sent
+    in_flight.cancel()  # as a shutdown cancels its handler
+    async with asyncio.timeout(5):
+        await store.aclose()
+    assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
+    daily = await redis_client.hgetall(keys.daily_key(account, "2026-09-21"))
+    assert daily == {b"/signals": b"1"}
+    assert _abandoned("refunded") == refunded + 1  # the one in flight only
