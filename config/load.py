@@ -127,6 +127,8 @@ def validate(config: Config) -> None:
     _validate_auth(config)
     _validate_listen(config.gateway.listen, "gateway.listen")
     _validate_listen(config.admin.listen, "admin.listen")
+    if config.gateway.metrics_listen:
+        _validate_listen(config.gateway.metrics_listen, "gateway.metrics_listen")
     for status in config.metering.refund_statuses:
         if not 500 <= status <= 599:
             raise ConfigError(f"metering.refund_statuses: {status} is not a 5xx status")

@@ -122,6 +122,9 @@ class GatewaySection(_Frozen, frozen=True):
     # 0 means one worker process per CPU.
     workers: NonNegInt = 1
     access_log: bool = False
+    # host:port of a listener of its own for /metrics (also /healthz and /readyz), which
+    # the public port then no longer answers; "" serves /metrics on the public port.
+    metrics_listen: str = ""
 
 
 class AdminSection(_Frozen, frozen=True):

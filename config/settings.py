@@ -35,6 +35,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     admin_host: str
     admin_port: int
     workers: int
+    # Where /metrics is served when not on the gateway's port (gateway.metrics_listen).
+    metrics_host: str | None = None
+    metrics_port: int = 0
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -54,6 +57,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
     gw_host, gw_port = listen("METERGATE_GATEWAY_LISTEN", config.gateway.listen)
     ad_host, ad_port = listen("METERGATE_ADMIN_LISTEN", config.admin.listen)
+    metrics_host: str | None = None
+    metrics_port = 0
+    metrics_listen = env.get("METERGATE_GATEWAY_METRICS_LISTEN") or config.gateway.metrics_listen
+    if metrics_listen:
+        metrics_host, metrics_port = listen("METERGATE_GATEWAY_METRICS_LISTEN", metrics_listen)
+        if (metrics_host, metrics_port) == (gw_host, gw_port):
+            raise ConfigError(
+                "gateway.metrics_listen: the gateway's own address; leave it empty to serve "
+                "/metrics on the gateway's port"
+            )
     workers_raw = env.get("METERGATE_GATEWAY_WORKERS")
     if workers_raw:
         # isascii: "²".isdigit() is True but int("²") raises.
@@ -83,6 +96,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         admin_host=ad_host,
         admin_port=ad_port,
         workers=workers,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
     )
 
 

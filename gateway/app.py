@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,6 +22,7 @@ from gateway.front import Handler, Request
 from gateway.proxy import Proxy
 from gateway.redis_client import RedisClient, create_client
 from gateway.redis_quota import RedisQuotaStore
+from gateway.server import Site
 from gateway.upstream import UpstreamPool
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,37 @@ REDIS = web.AppKey[RedisClient]("redis")
 POOLS = web.AppKey("pools", dict[str, UpstreamPool])
 STORE = web.AppKey("store", RedisQuotaStore)
 PROXY = web.AppKey("proxy", Proxy)
+
+
+def gateway_sites(settings: Settings, *, reuse_port: bool = False) -> list[Site]:
+    """What `metergate gateway` serves: the gateway, and its metrics listener if set."""
+    app = create_app(settings)
+    config = settings.config
+    separate = settings.metrics_host is not None
+    sites = [
+        Site(
+            app,
+            settings.gateway_host,
+            settings.gateway_port,
+            reuse_port=reuse_port,
+            handler=functools.partial(gateway_handler, metrics=not separate),
+            limits=config.limits,
+            access_log=config.gateway.access_log,
+        )
+    ]
+    if settings.metrics_host is not None:
+        # Started after the gateway's app, whose store /readyz pings.
+        sites.append(
+            Site(
+                web.Application(),
+                settings.metrics_host,
+                settings.metrics_port,
+                reuse_port=reuse_port,
+                handler=lambda _: metrics_handler(app),
+                limits=config.limits,
+            )
+        )
+    return sites
 
 
 def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) -> web.Application:
@@ -101,19 +134,24 @@ def _proxy_ctx(
 OwnEndpoint = Callable[[web.Application], Awaitable[tuple[int, str, bytes]]]
 
 
-def gateway_handler(app: web.Application) -> Handler:
-    """The gateway's requests, for gateway.front: its own three endpoints by exact path,
-    everything else straight to the proxy."""
-    own: dict[str, OwnEndpoint] = {
-        "/healthz": _health,
-        "/readyz": _ready,
-        "/metrics": _render_metrics,
-    }
-    proxy = app[PROXY]
+def _own_endpoints(*, metrics: bool) -> dict[str, OwnEndpoint]:
+    own: dict[str, OwnEndpoint] = {"/healthz": _health, "/readyz": _ready}
+    if metrics:
+        own["/metrics"] = _render_metrics
+    return own
 
-    async def answer(request: Request, endpoint: OwnEndpoint) -> None:
-        status, content_type, body = await endpoint(app)
-        request.respond(status, {"Content-Type": content_type}, body)
+
+async def _answer(app: web.Application, request: Request, endpoint: OwnEndpoint) -> None:
+    status, content_type, body = await endpoint(app)
+    request.respond(status, {"Content-Type": content_type}, body)
+
+
+def gateway_handler(app: web.Application, *, metrics: bool = True) -> Handler:
+    """The gateway's requests, for gateway.front: its own endpoints by exact path (with
+    /metrics unless it has a listener of its own), everything else straight to the proxy."""
+    own = _own_endpoints(metrics=metrics)
+    proxy = app[PROXY]
+    answer = functools.partial(_answer, app)
 
     def handle(request: Request) -> Awaitable[None]:
         # Hands back the proxy's coroutine rather than awaiting it: no frame of its own to
@@ -122,6 +160,24 @@ def gateway_handler(app: web.Application) -> Handler:
         if endpoint is not None and request.method in ("GET", "HEAD"):
             return answer(request, endpoint)
         return proxy.handle(request)
+
+    return handle
+
+
+def metrics_handler(app: web.Application) -> Handler:
+    """The metrics listener's requests: /metrics, /healthz and /readyz, nothing else."""
+    own = _own_endpoints(metrics=True)
+
+    async def handle(request: Request) -> None:
+        path = request.raw_path.partition("?")[0]
+        endpoint = own.get(path)
+        if endpoint is None:
+            request.error(404, "not_found", f"{path} is not served here: try /metrics")
+        elif request.method not in ("GET", "HEAD"):
+            message = f"{request.method} is not allowed on {path}"
+            request.error(405, "method_not_allowed", message, headers={"Allow": "GET, HEAD"})
+        else:
+            await _answer(app, request, endpoint)
 
     return handle
 

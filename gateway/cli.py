@@ -138,21 +138,12 @@ def _cmd_token(args: argparse.Namespace) -> int:
 
 def _gateway_worker(index: int) -> None:
     # Runs in a spawned worker process: settings are read again from the same environment.
-    from gateway.app import create_app, gateway_handler
-    from gateway.server import ListenError, Site, run, serve
+    from gateway.app import gateway_sites
+    from gateway.server import ListenError, run, serve
 
     settings = load_settings()
-    site = Site(
-        create_app(settings),
-        settings.gateway_host,
-        settings.gateway_port,
-        reuse_port=settings.workers > 1,
-        handler=gateway_handler,
-        limits=settings.config.limits,
-        access_log=settings.config.gateway.access_log,
-    )
     try:
-        run(serve([site]))
+        run(serve(gateway_sites(settings, reuse_port=settings.workers > 1)))
     except ListenError as exc:
         if settings.workers == 1:
             raise
@@ -180,6 +171,8 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
         # Checked here so a port in use is one line, not every worker failing in a loop.
         check_listen(settings.gateway_host, settings.gateway_port, reuse_port=True)
+        if settings.metrics_host is not None:
+            check_listen(settings.metrics_host, settings.metrics_port, reuse_port=True)
         return run_workers(_gateway_worker, settings.workers)
 
     return _serving(gateway)

@@ -55,7 +55,7 @@ def run_admin(settings: Settings) -> int:
 
 
 def run_up(settings: Settings, *, data_dir: str = "var") -> int:
-    from gateway.app import create_app, gateway_handler
+    from gateway.app import gateway_sites
     from gateway.demo_backend import create_demo_backend
 
     settings = _admin_upstream_follows_listen(settings)
@@ -78,26 +78,24 @@ def run_up(settings: Settings, *, data_dir: str = "var") -> int:
             Site(
                 create_demo_backend(), backend_host, backend_port, runner_args={"access_log": None}
             ),
-            Site(
-                create_app(settings),
-                settings.gateway_host,
-                settings.gateway_port,
-                handler=gateway_handler,
-                limits=settings.config.limits,
-                access_log=settings.config.gateway.access_log,
-            ),
+            *gateway_sites(settings),
         ]
         sites.append(Site(_admin_app(settings), settings.admin_host, settings.admin_port))
 
         def ready() -> None:
             token = issue_token(settings.jwt_secret, "demo-account", ttl=30 * 86400)
             base = f"http://{settings.gateway_host}:{settings.gateway_port}"
+            scrape = (
+                f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
+                if settings.metrics_host is not None
+                else f"{base}/metrics"
+            )
             print(
                 "\nMetergate is up:\n"
                 f"  gateway       {base}\n"
                 f"  demo backend  http://{backend_host}:{backend_port}\n"
                 f"  admin         http://{settings.admin_host}:{settings.admin_port}\n"
-                f"  metrics       {base}/metrics\n\n"
+                f"  metrics       {scrape}\n\n"
                 "Try it (a free-tier account, 100 units a month):\n\n"
                 f"  curl -i -H 'Authorization: Bearer {token}' {base}/signals\n\n"
                 "Ctrl-C stops everything.\n",

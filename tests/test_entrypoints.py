@@ -169,6 +169,51 @@ async def test_gateway_workers_share_port_and_metrics(
     assert code == 0, stderr
 
 
+@pytest.mark.slow
+async def test_gateway_serves_metrics_on_a_listener_of_its_own(
+    redis_url: str, start_upstream
+) -> None:
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    port, metrics_port = _free_port(), _free_port()
+    env = _env(
+        METERGATE_GATEWAY_LISTEN=f"127.0.0.1:{port}",
+        METERGATE_GATEWAY_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
+        METERGATE_GATEWAY_WORKERS="2",
+        METERGATE_REDIS_URL=redis_url,
+        METERGATE_JWT_SECRET=SECRET,
+        METERGATE_UPSTREAM_URL=str(upstream.make_url("")).rstrip("/"),
+    )
+    proc = subprocess.Popen(
+        [METERGATE, "gateway"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        public, internal = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
+        await _wait_http(public + "/healthz")
+        await _wait_http(internal + "/healthz")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(public + "/signals", headers=auth("acct-scrape")) as resp:
+                assert resp.status == 200
+            async with session.get(internal + "/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            assert 'metergate_requests_total{route="/signals",status="200"}' in text
+            async with session.get(internal + "/readyz") as resp:
+                assert resp.status == 200
+            # The public port no longer answers it: it is routed like any other path.
+            async with session.get(public + "/metrics") as resp:
+                assert resp.status == 404
+                assert (await resp.json())["error"]["code"] == "route_not_found"
+            async with session.get(internal + "/signals") as resp:
+                assert resp.status == 404
+                assert (await resp.json())["error"]["code"] == "not_found"
+            async with session.post(internal + "/metrics") as resp:
+                assert resp.status == 405
+                assert resp.headers["Allow"] == "GET, HEAD"
+    finally:
+        code, stderr = _stop(proc, signal.SIGTERM)
+    assert code == 0, stderr
+
+
 def test_admin_refuses_a_cluster_url_in_one_line() -> None:
     result = subprocess.run(
         [METERGATE, "admin"],
@@ -189,6 +234,8 @@ def test_admin_refuses_a_cluster_url_in_one_line() -> None:
     [
         (["gateway"], {}),
         (["gateway"], {"METERGATE_GATEWAY_WORKERS": "2"}),
+        (["gateway", "metrics"], {}),
+        (["gateway", "metrics"], {"METERGATE_GATEWAY_WORKERS": "2"}),
         (["admin"], {}),
         (["up"], {}),
     ],
@@ -202,6 +249,12 @@ def test_a_port_in_use_is_one_line(tmp_path: Path, args: list[str], env: dict[st
         listen = {"METERGATE_GATEWAY_LISTEN": f"127.0.0.1:{port}"}
         if args == ["admin"]:
             listen = {"METERGATE_ADMIN_LISTEN": f"127.0.0.1:{port}"}
+        elif args == ["gateway", "metrics"]:  # the metrics listener's port is the one taken
+            args = ["gateway"]
+            listen = {
+                "METERGATE_GATEWAY_LISTEN": f"127.0.0.1:{free}",
+                "METERGATE_GATEWAY_METRICS_LISTEN": f"127.0.0.1:{port}",
+            }
         elif args == ["up"]:
             args = ["up", "--data-dir", str(tmp_path / "var")]
             listen["METERGATE_ADMIN_LISTEN"] = f"127.0.0.1:{free}"

@@ -179,6 +179,7 @@ included_units = 100
         ),
         ('[admin]\nlisten = "[127.0.0.1]:8081"', "admin.listen"),
         ('[admin]\nlisten = "bad_host:8081"', "admin.listen"),
+        ('[gateway]\nmetrics_listen = "9464"', "gateway.metrics_listen"),
     ],
 )
 def test_cross_field_rules(extra: str, key: str) -> None:

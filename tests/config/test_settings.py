@@ -143,7 +143,30 @@ def test_listen_addresses(value: str, host: str, port: int) -> None:
     assert (settings.admin_host, settings.admin_port) == (host, port + 1)
 
 
-@pytest.mark.parametrize("var", ["METERGATE_GATEWAY_LISTEN", "METERGATE_ADMIN_LISTEN"])
+def test_metrics_listen_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    assert load_settings(env=_env()).metrics_host is None  # shipped: on the gateway's port
+    text = (
+        Path(SHIPPED)
+        .read_text()
+        .replace("[gateway]\n", '[gateway]\nmetrics_listen = "127.0.0.1:9464"\n', 1)
+    )
+    (tmp_path / "m.toml").write_text(text)
+    settings = load_settings(env={"METERGATE_CONFIG": str(tmp_path / "m.toml")})
+    assert (settings.metrics_host, settings.metrics_port) == ("127.0.0.1", 9464)
+    settings = load_settings(env=_env(METERGATE_GATEWAY_METRICS_LISTEN="0.0.0.0:9100"))
+    assert (settings.metrics_host, settings.metrics_port) == ("0.0.0.0", 9100)
+
+
+def test_metrics_listen_on_the_gateway_address_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=_env(METERGATE_GATEWAY_METRICS_LISTEN="127.0.0.1:8080"))
+    assert str(caught.value).startswith("gateway.metrics_listen: the gateway's own address")
+
+
+@pytest.mark.parametrize(
+    "var",
+    ["METERGATE_GATEWAY_LISTEN", "METERGATE_ADMIN_LISTEN", "METERGATE_GATEWAY_METRICS_LISTEN"],
+)
 @pytest.mark.parametrize(
     "value",
     [
