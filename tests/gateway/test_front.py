@@ -217,6 +217,27 @@ async def test_pipelined_requests_are_answered_in_order(serve: Serve) -> None:
     assert events == ["start /a", "end /a", "start /b", "end /b", "start /c", "end /c"]
 
 
+async def test_an_answer_held_for_the_end_of_the_pass_stays_before_what_follows(
+    serve: Serve,
+) -> None:
+    # An answer waits for the end of the loop's pass to be written; a streamed answer, a
+    # close or an error that follows it on the connection must still come after it.
+    async def handler(request: Request) -> None:
+        if request.raw_path == "/stream":
+            await _stream(request)
+        else:
+            request.respond(200, TEXT, request.raw_path.encode())
+
+    front = await serve(handler)
+    async with _connect(front.port) as (reader, writer):
+        pipelined = [_request("GET", "/a"), _request("GET", "/stream"), _request("GET", "/b")]
+        await _send(writer, b"".join(pipelined) + b"GARBAGE\r\n\r\n")
+        answers = [await _read_answer(reader) for _ in range(4)]
+        assert await _closed(reader)
+    assert [a.body for a in answers[:3]] == [b"/a", b"hello world", b"/b"]
+    assert (answers[3].status, _error_code(answers[3])) == (400, "bad_request")
+
+
 async def test_a_bad_request_pipelined_after_a_good_one_is_answered_after_it(
     serve: Serve,
 ) -> None:
