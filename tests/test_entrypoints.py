@@ -127,22 +127,35 @@ async def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
     assert any((tmp_path / "var" / "redis").rglob("*.aof*"))
 
 
+def _two_workers(
+    upstream_url: str, redis_url: str, **env: str
+) -> tuple[subprocess.Popen[str], int]:
+    """`metergate gateway` with two workers in front of the upstream; its process and port."""
+    port = _free_port()
+    settings = _env(
+        METERGATE_GATEWAY_LISTEN=f"127.0.0.1:{port}",
+        METERGATE_GATEWAY_WORKERS="2",
+        METERGATE_REDIS_URL=redis_url,
+        METERGATE_JWT_SECRET=SECRET,
+        METERGATE_UPSTREAM_URL=upstream_url.rstrip("/"),
+        **env,
+    )
+    proc = subprocess.Popen(
+        [METERGATE, "gateway"],
+        env=settings,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return proc, port
+
+
 @pytest.mark.slow
 async def test_gateway_workers_share_port_and_metrics(
     redis_url: str, redis_client: redis.Redis, start_upstream
 ) -> None:
     upstream = await start_upstream({"/{tail:.*}": echo})
-    port = _free_port()
-    env = _env(
-        METERGATE_GATEWAY_LISTEN=f"127.0.0.1:{port}",
-        METERGATE_GATEWAY_WORKERS="2",
-        METERGATE_REDIS_URL=redis_url,
-        METERGATE_JWT_SECRET=SECRET,
-        METERGATE_UPSTREAM_URL=str(upstream.make_url("")).rstrip("/"),
-    )
-    proc = subprocess.Popen(
-        [METERGATE, "gateway"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc, port = _two_workers(str(upstream.make_url("")), redis_url)
     try:
         base = f"http://127.0.0.1:{port}"
         await _wait_http(base + "/healthz")
@@ -174,17 +187,11 @@ async def test_gateway_serves_metrics_on_a_listener_of_its_own(
     redis_url: str, start_upstream
 ) -> None:
     upstream = await start_upstream({"/{tail:.*}": echo})
-    port, metrics_port = _free_port(), _free_port()
-    env = _env(
-        METERGATE_GATEWAY_LISTEN=f"127.0.0.1:{port}",
+    metrics_port = _free_port()
+    proc, port = _two_workers(
+        str(upstream.make_url("")),
+        redis_url,
         METERGATE_GATEWAY_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
-        METERGATE_GATEWAY_WORKERS="2",
-        METERGATE_REDIS_URL=redis_url,
-        METERGATE_JWT_SECRET=SECRET,
-        METERGATE_UPSTREAM_URL=str(upstream.make_url("")).rstrip("/"),
-    )
-    proc = subprocess.Popen(
-        [METERGATE, "gateway"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         public, internal = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import socket
@@ -364,14 +365,27 @@ async def test_a_batch_of_charges_is_encoded_exactly_as_redis_py_encodes_it() ->
         assert store._charge_call(batch, now) == (expected, day, batch)
 
 
-async def test_a_timed_out_call_is_told_its_late_reply(server: Server) -> None:
+@contextlib.asynccontextmanager
+async def _paused(server: Server, ms: int, **pipe_options: Any) -> AsyncIterator[RedisPipe]:
+    """A pipe, connected, to a server then paused for ``ms`` (its commands wait unanswered)."""
     client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
-    pipe = RedisPipe(client, timeout=0.2)
+    pipe = RedisPipe(client, **pipe_options)
     other = redis.Redis(port=server.port)
     try:
         pipe.send(warm := _calls(command("PING")))
         await _results(warm)
-        await other.execute_command("CLIENT", "PAUSE", 600, "ALL")
+        await other.execute_command("CLIENT", "PAUSE", ms, "ALL")
+        yield pipe
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            await other.execute_command("CLIENT", "UNPAUSE")
+        await pipe.aclose()
+        await client.aclose()
+        await other.aclose()
+
+
+async def test_a_timed_out_call_is_told_its_late_reply(server: Server) -> None:
+    async with _paused(server, 600, timeout=0.2) as pipe:
         told: list[Any] = []
         loop = asyncio.get_running_loop()
         late = [Call(loop.create_future(), command("INCR", "late"), late=told.append)]
@@ -385,10 +399,6 @@ async def test_a_timed_out_call_is_told_its_late_reply(server: Server) -> None:
         assert told == [1]  # Redis ran it once released
         pipe.send(after := _calls(command("INCR", "late")))  # the pipe goes on as before
         assert await _results(after) == [2]
-    finally:
-        await pipe.aclose()
-        await client.aclose()
-        await other.aclose()
 
 
 async def test_a_timed_out_call_whose_connection_ends_is_told_lost(
@@ -423,13 +433,7 @@ async def test_a_timed_out_call_whose_connection_ends_is_told_lost(
 async def test_a_late_reply_past_the_window_is_told_lost_and_a_bad_hook_harms_no_other(
     server: Server,
 ) -> None:
-    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
-    pipe = RedisPipe(client, timeout=0.1, late_window=0.3)
-    other = redis.Redis(port=server.port)
-    try:
-        pipe.send(warm := _calls(command("PING")))
-        await _results(warm)
-        await other.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    async with _paused(server, 1500, timeout=0.1, late_window=0.3) as pipe:
         told: list[Any] = []
 
         def broken(reply: Any) -> None:
@@ -448,10 +452,3 @@ async def test_a_late_reply_past_the_window_is_told_lost_and_a_bad_hook_harms_no
         async with asyncio.timeout(2):
             await pipe.drained()  # the window ended before Redis answered
         assert told == [LOST]
-        await other.execute_command("CLIENT", "UNPAUSE")
-        pipe.send(after := _calls(command("PING")))
-        assert await _results(after) == [b"PONG"]
-    finally:
-        await pipe.aclose()
-        await client.aclose()
-        await other.aclose()
