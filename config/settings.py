@@ -59,14 +59,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     ad_host, ad_port = listen("METERGATE_ADMIN_LISTEN", config.admin.listen)
     metrics_host: str | None = None
     metrics_port = 0
-    metrics_listen = env.get("METERGATE_GATEWAY_METRICS_LISTEN") or config.gateway.metrics_listen
+    metrics_var = "METERGATE_GATEWAY_METRICS_LISTEN"
+    metrics_listen = env.get(metrics_var) or config.gateway.metrics_listen
     if metrics_listen:
-        metrics_host, metrics_port = listen("METERGATE_GATEWAY_METRICS_LISTEN", metrics_listen)
-        if (metrics_host, metrics_port) == (gw_host, gw_port):
+        metrics_key = metrics_var if env.get(metrics_var) else "gateway.metrics_listen"
+        metrics_host, metrics_port = listen(metrics_var, metrics_listen)
+        # Any host: with several workers (SO_REUSEPORT) 127.0.0.1:P, localhost:P and
+        # 0.0.0.0:P would all bind beside the gateway's port and take part of its traffic.
+        if metrics_port == gw_port:
             raise ConfigError(
-                "gateway.metrics_listen: the gateway's own address; leave it empty to serve "
+                f"{metrics_key}: port {metrics_port} is the gateway's; leave it empty to serve "
                 "/metrics on the gateway's port"
             )
+        if metrics_port == 0:
+            # Each worker would get a port of its own, and no scraper would know them.
+            raise ConfigError(f"{metrics_key}: a fixed port is needed (not 0)")
     workers_raw = env.get("METERGATE_GATEWAY_WORKERS")
     if workers_raw:
         # isascii: "²".isdigit() is True but int("²") raises.

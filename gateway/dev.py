@@ -85,11 +85,11 @@ def run_up(settings: Settings, *, data_dir: str = "var") -> int:
         def ready() -> None:
             token = issue_token(settings.jwt_secret, "demo-account", ttl=30 * 86400)
             base = f"http://{settings.gateway_host}:{settings.gateway_port}"
-            scrape = (
-                f"http://{settings.metrics_host}:{settings.metrics_port}/metrics"
-                if settings.metrics_host is not None
-                else f"{base}/metrics"
-            )
+            scrape = f"{base}/metrics"
+            if settings.metrics_host is not None:
+                host = settings.metrics_host
+                host = f"[{host}]" if ":" in host else host
+                scrape = f"http://{host}:{settings.metrics_port}/metrics"
             print(
                 "\nMetergate is up:\n"
                 f"  gateway       {base}\n"

@@ -335,6 +335,7 @@ class _Connection(asyncio.Protocol):
         "_active",
         "_closed_at",
         "_drain",
+        "_eof",
         "_field_bytes",
         "_fields",
         "_head_bytes",
@@ -368,6 +369,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._out: bytes | None = None  # answers sent in this pass of the loop, not written
+        self._eof = False  # the client shut its sending side
         self._headers: list[tuple[bytes, bytes]] = []
         self._noted: dict[bytes, list[bytes]] = {}  # the few headers the gateway reads
         self._target: list[bytes] = []
@@ -448,6 +450,25 @@ class _Connection(asyncio.Protocol):
                     self._fail(_HeadError(431, "request_head_too_large", _FIELD_TOO_LARGE))
                 elif self._head_bytes > self._server.max_head:
                     self._fail(_HeadError(431, "request_head_too_large", _HEAD_TOO_LARGE))
+
+    def eof_received(self) -> bool:
+        # The client shut its side after its requests (`nc -N`, some health checkers): they
+        # are still answered, then the connection closes. A body it cut short is broken off
+        # (its handler sees ClientGone, so the request is refunded); a partial head is dropped.
+        self._eof = True
+        request = self.parsing
+        if request is not None:
+            self.parsing = None
+            if request is self._active:
+                request._break()
+            else:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(request)
+        if self._active is not None or self._queue or self._pending_error is not None:
+            return True  # keep the transport open to write the answers
+        if self._out is not None:
+            self.flush()
+        return False  # the transport closes, after writing what it holds
 
     def pause_writing(self) -> None:
         # The client is not reading its answers: read no more of its requests either, or
@@ -596,14 +617,23 @@ class _Connection(asyncio.Protocol):
 
     def _answered(self, request: Request) -> None:
         self._active = None
-        if request.close or self.lost or self.closing:
+        if (
+            request.close
+            or self.lost
+            or self.closing
+            or (self._eof and not self._queue and self._pending_error is None)
+        ):
             self.close()
             return
         self._next()
 
     def _next(self) -> None:
         """Go on with the connection: the next queued request, a pending error, or idle."""
-        if self._active is not None or self._write_paused or self.lost:
+        if self._active is not None or self.lost:
+            return
+        if self._queue and self._out is not None:
+            self.flush()  # a client that stopped reading says so (pause_writing) at once
+        if self._write_paused:
             return  # resume_writing calls again
         if self._queue:
             self._dispatch(self._queue.popleft())
@@ -708,7 +738,7 @@ class _Connection(asyncio.Protocol):
             self._transport.pause_reading()
 
     def _maybe_resume(self) -> None:
-        if not self._read_paused or self.lost or self._pending_error is not None:
+        if not self._read_paused or self.lost or self._eof or self._pending_error is not None:
             return
         if self._write_paused:
             return  # resume_writing comes back here
@@ -801,7 +831,11 @@ class FrontServer:
     def _flush_held(self) -> None:
         held, self._held = self._held, []
         for conn in held:
-            conn.flush()  # a no-op for one a write or close flushed already
+            try:
+                conn.flush()  # a no-op for one a write or close flushed already
+            except Exception:  # one connection's failure must not hold back the others
+                log.exception("writing an answer failed")
+                conn.abort()
 
     async def listen(
         self, host: str, port: int, *, reuse_port: bool = False, backlog: int = 1024

@@ -157,10 +157,27 @@ def test_metrics_listen_from_the_file_or_the_environment(tmp_path: Path) -> None
     assert (settings.metrics_host, settings.metrics_port) == ("0.0.0.0", 9100)
 
 
-def test_metrics_listen_on_the_gateway_address_is_refused() -> None:
+@pytest.mark.parametrize("value", ["127.0.0.1:8080", "localhost:8080", "0.0.0.0:8080"])
+def test_metrics_listen_on_the_gateway_port_is_refused(value: str, tmp_path: Path) -> None:
+    var = "METERGATE_GATEWAY_METRICS_LISTEN"
     with pytest.raises(ConfigError) as caught:
-        load_settings(env=_env(METERGATE_GATEWAY_METRICS_LISTEN="127.0.0.1:8080"))
-    assert str(caught.value).startswith("gateway.metrics_listen: the gateway's own address")
+        load_settings(env=_env(**{var: value}))
+    assert str(caught.value).startswith(f"{var}: port 8080 is the gateway's")
+    text = (
+        Path(SHIPPED)
+        .read_text()
+        .replace("[gateway]\n", f'[gateway]\nmetrics_listen = "{value}"\n', 1)
+    )
+    (tmp_path / "m.toml").write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"METERGATE_CONFIG": str(tmp_path / "m.toml")})
+    assert str(caught.value).startswith("gateway.metrics_listen: port 8080 is the gateway's")
+
+
+def test_metrics_listen_needs_a_fixed_port() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env=_env(METERGATE_GATEWAY_METRICS_LISTEN="127.0.0.1:0"))
+    assert str(caught.value) == "METERGATE_GATEWAY_METRICS_LISTEN: a fixed port is needed (not 0)"
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 
 from config.model import Limits
 from gateway import keys
-from gateway.front import FrontServer, Handler, Request
+from gateway.front import ClientGone, FrontServer, Handler, Request
 from tests.conftest import GatewayServer, auth, load_test_config, replace_section
 
 WAIT = 2.0  # the most any single read may take before the test fails instead of hanging
@@ -236,6 +236,46 @@ async def test_an_answer_held_for_the_end_of_the_pass_stays_before_what_follows(
         assert await _closed(reader)
     assert [a.body for a in answers[:3]] == [b"/a", b"hello world", b"/b"]
     assert (answers[3].status, _error_code(answers[3])) == (400, "bad_request")
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05], ids=["at-once", "after-a-wait"])
+async def test_a_client_that_shuts_its_side_after_its_requests_gets_their_answers(
+    serve: Serve, delay: float
+) -> None:
+    # As `printf 'GET ...' | nc -N` does: the requests, then the sending side shut.
+    async def handler(request: Request) -> None:
+        await asyncio.sleep(delay)
+        request.respond(200, TEXT, request.raw_path.encode())
+
+    front = await serve(handler)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("GET", "/a") + _request("GET", "/b"))
+        writer.write_eof()
+        bodies = [(await _read_answer(reader)).body for _ in range(2)]
+        assert await _closed(reader)
+    assert bodies == [b"/a", b"/b"]
+
+
+async def test_a_body_cut_short_by_a_half_close_is_broken_off(serve: Serve) -> None:
+    outcome: list[str] = []
+
+    async def handler(request: Request) -> None:
+        try:
+            await request.read()
+        except ClientGone:  # as the proxy does: refunded, and answered 400
+            outcome.append("client gone")
+            request.respond(400, TEXT, b"the body broke off")
+        else:
+            request.respond(200, TEXT, b"read")
+
+    front = await serve(handler)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("POST", "/upload", headers=["Content-Length: 10"]) + b"12")
+        writer.write_eof()
+        answer = await _read_answer(reader)
+        assert await _closed(reader)
+    assert outcome == ["client gone"]
+    assert (answer.status, answer.body) == (400, b"the body broke off")
 
 
 async def test_a_bad_request_pipelined_after_a_good_one_is_answered_after_it(
