@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -32,25 +33,36 @@ def _decode(raw: Any) -> dict[str, str]:
     return {k.decode(): v.decode() for k, v in (raw or {}).items()}
 
 
-async def _scan_daily(client: redis.Redis, day: str) -> Counter[str]:
-    """Units by route over every account for one day (SCAN, never KEYS)."""
-    totals: Counter[str] = Counter()
-    names = [k async for k in client.scan_iter(match=f"{keys.PREFIX}:{{*}}:daily:{day}", count=500)]
-    if not names:
-        return totals
-    async with client.pipeline(transaction=False) as pipe:
-        for name in names:
-            pipe.hgetall(name)
-        for row in await pipe.execute():
+# HGETALLs per pipeline round trip while summing the daily hashes.
+_CHUNK = 1000
+
+
+async def _daily_totals(client: redis.Redis, days: Sequence[str]) -> dict[str, Counter[str]]:
+    """Units by route over every account for each of ``days``: one SCAN of the keyspace
+    for all of them (never KEYS), not one per day; then their hashes, a chunk at a time."""
+    totals: dict[str, Counter[str]] = {day: Counter() for day in days}
+    wanted: list[tuple[str, bytes]] = []
+    async for name in client.scan_iter(match=f"{keys.PREFIX}:{{*}}:daily:*", count=1000):
+        # The last ":daily:" of the name: an account id cannot move the day.
+        day = name.rpartition(b":daily:")[2].decode(errors="replace")
+        if day in totals:
+            wanted.append((day, name))
+    for at in range(0, len(wanted), _CHUNK):
+        chunk = wanted[at : at + _CHUNK]
+        async with client.pipeline(transaction=False) as pipe:
+            for _, name in chunk:
+                pipe.hgetall(name)
+            rows = await pipe.execute()
+        for (day, _), row in zip(chunk, rows, strict=True):
             for route, units in _decode(row).items():
-                totals[route] += int(units)
+                totals[day][route] += int(units)
     return totals
 
 
 async def sample_hourly(client: redis.Redis, now: float) -> None:
     """Record today's running total under the current hour; hours differ by subtraction."""
     day = utc_day(now)
-    total = sum((await _scan_daily(client, day)).values())
+    total = sum((await _daily_totals(client, [day]))[day].values())
     hour = datetime.fromtimestamp(now, UTC).hour
     await client.hset(keys.hourly_usage_key(day), f"{hour:02d}", total)
     await client.expire(keys.hourly_usage_key(day), 8 * 86400)
@@ -108,9 +120,8 @@ async def compute_stats(client: redis.Redis, config: Config, now: float) -> dict
 
     routes: Counter[str] = Counter()
     days: dict[str, int] = {}
-    for back in range(PATTERN_DAYS):
-        day = utc_day(now - back * 86400)
-        totals = await _scan_daily(client, day)
+    window = [utc_day(now - back * 86400) for back in range(PATTERN_DAYS)]
+    for day, totals in (await _daily_totals(client, window)).items():
         routes.update(totals)
         days[day] = sum(totals.values())
     today = utc_day(now)

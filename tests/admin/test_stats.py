@@ -106,3 +106,22 @@ async def test_no_churn_means_no_clv(start_admin: StartAdmin, redis_client: redi
     assert body["clv_usd"] is None
     assert body["churn"]["rate"] == 0.0
     assert body["mrr_usd"] == 0.0 and body["active_subscriptions"] == 0
+
+
+async def test_usage_over_thirty_days_is_one_scan_of_the_keyspace(
+    start_admin: StartAdmin, redis_client: redis.Redis, clock: Clock
+) -> None:
+    # Every stats call sums 30 days of daily hashes over all accounts; a SCAN per day
+    # walked the whole keyspace 30 times.
+    now = int(clock.now)
+    await seed(redis_client, now)
+    for i in range(40):  # other keys and days than the window's: walked past, not summed
+        await redis_client.hset(keys.daily_prefix(f"old-{i}") + "2026-07-01", "/signals", 1)
+    server = await start_admin()
+    await stats(server)  # also takes the hourly snapshot (a scan of today's keys)
+    before = (await redis_client.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0)
+    body = await stats(server)
+    after = (await redis_client.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0)
+    assert after - before <= 2  # this database's few keys: one cursor round, maybe two
+    assert body["usage"]["by_day"]["2026-09-21"] == 60
+    assert sum(body["usage"]["by_day"].values()) == 65
