@@ -20,6 +20,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
@@ -282,16 +283,19 @@ class RedisQuotaStore:
         elif type(replies) is hiredis.ReplyError:  # the script did not run
             metrics.ABANDONED.labels("not_charged").inc(len(charges))
         else:
+            # One line per script call, not per charge: a Redis that hangs can leave a
+            # whole connection's worth of calls unanswered at once.
+            units: Counter[tuple[str, str]] = Counter()
             for account, route_args, _ in charges:
                 route, cost = _route_and_cost(route_args)
-                metrics.ABANDONED.labels("unknown").inc()
-                log.warning(
-                    "charge of %d units to %s on %s: no reply from Redis, it may have been "
-                    "applied (the request was refused)",
-                    cost,
-                    account,
-                    route,
-                )
+                units[(account, route)] += cost
+            metrics.ABANDONED.labels("unknown").inc(len(charges))
+            log.warning(
+                "no reply from Redis to %d charges of refused requests; they may have been "
+                "applied (account route units): %s",
+                len(charges),
+                ", ".join(f"{account} {route} {n}" for (account, route), n in units.items()),
+            )
 
     def _abandoned(self, charge: _Charge, reply: Any, day: str) -> None:
         """A decision nobody acts on: units it charged are given back."""

@@ -427,7 +427,8 @@ async def test_a_timed_out_call_whose_connection_ends_is_told_lost(
         await other.aclose()
     after = REGISTRY.get_sample_value("metergate_abandoned_charges_total", {"outcome": "unknown"})
     assert (after or 0.0) == (unknown or 0.0) + 1
-    assert "charge of 2 units to acct-lost on /signals: no reply from Redis" in caplog.text
+    assert "no reply from Redis to 1 charges of refused requests" in caplog.text
+    assert "(account route units): acct-lost /signals 2" in caplog.text
 
 
 async def test_a_late_reply_past_the_window_is_told_lost_and_a_bad_hook_harms_no_other(
