@@ -359,6 +359,5 @@ async def _stats(request: web.Request) -> web.Response:
     if not request[CLAIMS].is_admin:
         return json_error(403, "forbidden", "operators only (a token with role admin)")
     now = request.app[CLOCK]()
-    await sample_hourly(request.app[REDIS], now)
     stats = await compute_stats(request.app[REDIS], request.app[SETTINGS].config, now)
     return web.json_response(stats)

@@ -41,12 +41,13 @@ async def _daily_totals(client: redis.Redis, days: Sequence[str]) -> dict[str, C
     """Units by route over every account for each of ``days``: one SCAN of the keyspace
     for all of them (never KEYS), not one per day; then their hashes, a chunk at a time."""
     totals: dict[str, Counter[str]] = {day: Counter() for day in days}
-    wanted: list[tuple[str, bytes]] = []
+    found: dict[bytes, str] = {}  # a dict: SCAN may return a key twice
     async for name in client.scan_iter(match=f"{keys.PREFIX}:{{*}}:daily:*", count=1000):
         # The last ":daily:" of the name: an account id cannot move the day.
         day = name.rpartition(b":daily:")[2].decode(errors="replace")
         if day in totals:
-            wanted.append((day, name))
+            found[name] = day
+    wanted = [(day, name) for name, day in found.items()]
     for at in range(0, len(wanted), _CHUNK):
         chunk = wanted[at : at + _CHUNK]
         async with client.pipeline(transaction=False) as pipe:
@@ -62,7 +63,11 @@ async def _daily_totals(client: redis.Redis, days: Sequence[str]) -> dict[str, C
 async def sample_hourly(client: redis.Redis, now: float) -> None:
     """Record today's running total under the current hour; hours differ by subtraction."""
     day = utc_day(now)
-    total = sum((await _daily_totals(client, [day]))[day].values())
+    await _record_hour(client, now, sum((await _daily_totals(client, [day]))[day].values()))
+
+
+async def _record_hour(client: redis.Redis, now: float, total: int) -> None:
+    day = utc_day(now)
     hour = datetime.fromtimestamp(now, UTC).hour
     await client.hset(keys.hourly_usage_key(day), f"{hour:02d}", total)
     await client.expire(keys.hourly_usage_key(day), 8 * 86400)
@@ -125,6 +130,8 @@ async def compute_stats(client: redis.Redis, config: Config, now: float) -> dict
         routes.update(totals)
         days[day] = sum(totals.values())
     today = utc_day(now)
+    # Today's snapshot from the same walk, so the hours include this moment.
+    await _record_hour(client, now, days[today])
     return {
         "currency": "usd",
         "mrr_usd": _money(mrr),

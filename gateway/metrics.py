@@ -61,8 +61,9 @@ REDIS_ERRORS = Counter(
 )
 ABANDONED = Counter(
     "metergate_abandoned_charges_total",
-    "Charges whose request was refused or gone before Redis answered, by what became of "
-    "them: refunded (Redis had charged them), refund_failed, not_charged, unknown (no reply came).",
+    "Charges whose request stopped waiting before Redis answered (a timeout, or the client "
+    "went away), by what became of them: refunded (Redis had charged them), refund_failed, "
+    "not_charged, unknown (no reply came).",
     ["outcome"],
 )
 FAIL_OPEN = Counter(

@@ -26,6 +26,7 @@ from importlib import resources
 from typing import Any
 
 import hiredis
+import msgspec
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
@@ -291,10 +292,10 @@ class RedisQuotaStore:
                 units[(account, route)] += cost
             metrics.ABANDONED.labels("unknown").inc(len(charges))
             log.warning(
-                "no reply from Redis to %d charges of refused requests; they may have been "
-                "applied (account route units): %s",
+                "no reply from Redis to %d timed-out charges; they may have been applied "
+                "(units by account and route): %s",
                 len(charges),
-                ", ".join(f"{account} {route} {n}" for (account, route), n in units.items()),
+                _json([[account, route, n] for (account, route), n in units.items()]).decode(),
             )
 
     def _abandoned(self, charge: _Charge, reply: Any, day: str) -> None:
@@ -534,6 +535,9 @@ def _settle_charges(
             future.set_exception(QuotaStoreUnavailable(f"redis answered {reply!r:.200}: {exc!r}"))
         else:
             future.set_result(decision)
+
+
+_json = msgspec.json.Encoder().encode
 
 
 def _route_and_cost(route_args: bytes) -> tuple[str, int]:
