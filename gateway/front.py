@@ -354,6 +354,7 @@ class _Connection(asyncio.Protocol):
         "_target_size",
         "_transport",
         "_write_paused",
+        "_write_paused_at",
         "closing",
         "head_started",
         "idle_since",
@@ -387,6 +388,7 @@ class _Connection(asyncio.Protocol):
         self._pending_error: _HeadError | None = None
         self._read_paused = False
         self._write_paused = False
+        self._write_paused_at: float | None = None
         self._drain: asyncio.Future[None] | None = None
         self.peer: str | None = None
         self.lost = False
@@ -474,10 +476,12 @@ class _Connection(asyncio.Protocol):
         # The client is not reading its answers: read no more of its requests either, or
         # a pipelining client that never reads would pile answers up in memory.
         self._write_paused = True
+        self._write_paused_at = self.loop.time()
         self._stop_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._write_paused_at = None
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
@@ -761,9 +765,13 @@ class _Connection(asyncio.Protocol):
 
     def expire(self, now: float) -> None:
         """Close an idle keep-alive connection, answer 408 to a head that stalled, and
-        drop a closed connection whose client does not read what is left to send."""
+        drop a connection whose client does not read what is left to send (closed, or
+        with answers waiting on it)."""
         server = self._server
-        if self._closed_at is not None:
+        stalled = self._write_paused_at
+        if stalled is not None and now - stalled > server.head_timeout:
+            self.abort()
+        elif self._closed_at is not None:
             if now - self._closed_at > server.head_timeout:
                 self.abort()
         elif self.head_started is not None:

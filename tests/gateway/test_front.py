@@ -278,6 +278,41 @@ async def test_a_body_cut_short_by_a_half_close_is_broken_off(serve: Serve) -> N
     assert (answer.status, answer.body) == (400, b"the body broke off")
 
 
+_BIG = b"x" * (16 * 1024 * 1024)  # more than loopback's socket buffers hold
+
+
+async def test_a_client_that_stops_reading_gets_no_further_request_answered(
+    serve: Serve,
+) -> None:
+    seen: list[str] = []
+
+    async def handler(request: Request) -> None:
+        seen.append(request.raw_path)
+        request.respond(200, TEXT, _BIG if request.raw_path == "/big" else b"small")
+
+    front = await serve(handler)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("GET", "/big") + _request("GET", "/small"))
+        await asyncio.sleep(0.3)  # not reading: the first answer fills every buffer
+        assert seen == ["/big"]  # so the next request waits, not forwarded nor charged
+        assert len((await _read_answer(reader)).body) == len(_BIG)
+        assert (await _read_answer(reader)).body == b"small"
+    assert seen == ["/big", "/small"]
+
+
+async def test_a_client_that_never_reads_its_answer_is_dropped(serve: Serve) -> None:
+    async def handler(request: Request) -> None:
+        request.respond(200, TEXT, _BIG)
+
+    front = await serve(handler, Limits(client_body_timeout_seconds=0.3))
+    async with _connect(front.port) as (_, writer):
+        await _send(writer, _request("GET", "/big") + _request("GET", "/big"))
+        deadline = time.monotonic() + 3
+        while front.server.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not front.server.connections  # aborted, not held open forever
+
+
 async def test_a_bad_request_pipelined_after_a_good_one_is_answered_after_it(
     serve: Serve,
 ) -> None:
