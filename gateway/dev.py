@@ -14,7 +14,7 @@ from config.settings import Settings
 from gateway.auth import issue_token
 from gateway.cli import warn_dev_secret
 from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError
-from gateway.server import Site, run, serve
+from gateway.server import Site, address, run, serve
 
 log = logging.getLogger("metergate")
 
@@ -87,9 +87,7 @@ def run_up(settings: Settings, *, data_dir: str = "var") -> int:
             base = f"http://{settings.gateway_host}:{settings.gateway_port}"
             scrape = f"{base}/metrics"
             if settings.metrics_host is not None:
-                host = settings.metrics_host
-                host = f"[{host}]" if ":" in host else host
-                scrape = f"http://{host}:{settings.metrics_port}/metrics"
+                scrape = f"http://{address(settings.metrics_host, settings.metrics_port)}/metrics"
             print(
                 "\nMetergate is up:\n"
                 f"  gateway       {base}\n"

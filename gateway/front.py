@@ -353,7 +353,6 @@ class _Connection(asyncio.Protocol):
         "_target",
         "_target_size",
         "_transport",
-        "_write_paused",
         "_write_paused_at",
         "closing",
         "head_started",
@@ -387,8 +386,7 @@ class _Connection(asyncio.Protocol):
         self._queue: collections.deque[Request] = collections.deque()
         self._pending_error: _HeadError | None = None
         self._read_paused = False
-        self._write_paused = False
-        self._write_paused_at: float | None = None
+        self._write_paused_at: float | None = None  # since when the client is not reading
         self._drain: asyncio.Future[None] | None = None
         self.peer: str | None = None
         self.lost = False
@@ -468,19 +466,16 @@ class _Connection(asyncio.Protocol):
                     self._queue.remove(request)
         if self._active is not None or self._queue or self._pending_error is not None:
             return True  # keep the transport open to write the answers
-        if self._out is not None:
-            self.flush()
+        self.flush()
         return False  # the transport closes, after writing what it holds
 
     def pause_writing(self) -> None:
         # The client is not reading its answers: read no more of its requests either, or
         # a pipelining client that never reads would pile answers up in memory.
-        self._write_paused = True
         self._write_paused_at = self.loop.time()
         self._stop_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
         self._write_paused_at = None
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
@@ -563,7 +558,7 @@ class _Connection(asyncio.Protocol):
             raise _HeadError(400, "bad_request", "too many pipelined requests")
         self.parsing = request
         self._last = request
-        if self._active is None and not self._write_paused:
+        if self._active is None and self._write_paused_at is None:
             self._dispatch(request)
         else:
             self._queue.append(request)
@@ -635,9 +630,9 @@ class _Connection(asyncio.Protocol):
         """Go on with the connection: the next queued request, a pending error, or idle."""
         if self._active is not None or self.lost:
             return
-        if self._queue and self._out is not None:
+        if self._queue:
             self.flush()  # a client that stopped reading says so (pause_writing) at once
-        if self._write_paused:
+        if self._write_paused_at is not None:
             return  # resume_writing calls again
         if self._queue:
             self._dispatch(self._queue.popleft())
@@ -668,6 +663,7 @@ class _Connection(asyncio.Protocol):
                 self._out += data
 
     def flush(self) -> None:
+        """Write the answers held for the end of this pass now (none held: nothing)."""
         out = self._out
         if out is not None:
             self._out = None
@@ -679,18 +675,16 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if self.lost or transport is None or transport.is_closing():
             raise ClientGone("the client closed the connection")
-        if self._out is not None:
-            self.flush()
+        self.flush()
         transport.write(data)
-        if self._write_paused:
+        if self._write_paused_at is not None:
             drain = self._drain
             if drain is None or drain.done():  # done: cancelled by a writer's timeout
                 drain = self._drain = self.loop.create_future()
             await drain
 
     def close(self) -> None:
-        if self._out is not None:
-            self.flush()
+        self.flush()
         if self._transport is not None:
             self._transport.close()  # sends what is buffered first; expire() bounds that
             if self._closed_at is None:
@@ -744,7 +738,7 @@ class _Connection(asyncio.Protocol):
     def _maybe_resume(self) -> None:
         if not self._read_paused or self.lost or self._eof or self._pending_error is not None:
             return
-        if self._write_paused:
+        if self._write_paused_at is not None:
             return  # resume_writing comes back here
         parsing = self.parsing
         if len(self._queue) >= _PIPELINE_MAX or (

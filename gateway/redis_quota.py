@@ -219,9 +219,8 @@ class RedisQuotaStore:
                 try:
                     encoded = b"".join([bulk(k) for k in keys.account_keys(account, day)])
                 except UnicodeEncodeError as exc:
-                    if not charge[2].done():  # done: the caller went away
-                        error = QuotaStoreUnavailable(f"account not encodable: {exc}")
-                        charge[2].set_exception(error)
+                    error = QuotaStoreUnavailable(f"account not encodable: {exc}")
+                    charge[2].set_exception(error)
                     continue
                 if len(accounts) >= _KEY_CACHE_SIZE:
                     accounts.clear()

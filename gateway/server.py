@@ -40,10 +40,11 @@ class ListenError(Exception):
             reason = exc.strerror or str(exc)
         else:
             reason = os.strerror(exc.errno)
-        super().__init__(f"cannot listen on {_address(host, port)}: {reason.lower()}")
+        super().__init__(f"cannot listen on {address(host, port)}: {reason.lower()}")
 
 
-def _address(host: str, port: int) -> str:
+def address(host: str, port: int) -> str:
+    """host:port as a URL or a log line writes it (an IPv6 host in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
