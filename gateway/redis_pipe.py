@@ -15,8 +15,8 @@ timed-out connection fails its callers at once but keeps reading for LATE_REPLY_
 seconds (new calls go on a new connection): a call with a ``late`` hook is told the reply
 that came after all, or LOST when the connection ended first and the outcome is unknown.
 
-The connection is borrowed from the redis-py client's pool, connected there (AUTH, SELECT),
-so it lives and dies with that client: closing the client closes it.
+The connection is borrowed from the redis-py client's pool, connected there (TLS, AUTH,
+SELECT), so it lives and dies with that client: closing the client closes it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import redis.asyncio as redis
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
+    SSLConnection,
     UnixDomainSocketConnection,
 )
 
@@ -46,15 +47,17 @@ log = logging.getLogger(__name__)
 LATE_REPLY_WINDOW = 10.0
 # What a ``late`` hook is told when the connection ended before the reply came.
 LOST = QuotaStoreUnavailable("redis connection ended before the reply")
+_CONNECTIONS = (Connection, SSLConnection, UnixDomainSocketConnection)
 
 
 def supports(client: object) -> TypeGuard[redis.Redis]:
-    """Whether this pipeline can carry the client's traffic (plain TCP or unix, RESP2)."""
-    # A cluster client routes each key to its node; this pipeline has one connection.
+    """Whether this pipeline can carry the client's traffic (TCP, TLS or unix; RESP2)."""
+    # A cluster client routes each key to its node; this pipeline has one connection. A TLS
+    # connection is taken over like a plain one: its transport hands over decrypted bytes.
     if not isinstance(client, redis.Redis):
         return False
     pool = client.connection_pool
-    return pool.connection_class in (Connection, UnixDomainSocketConnection) and (
+    return pool.connection_class in _CONNECTIONS and (
         pool.connection_kwargs.get("protocol") in (None, 2, "2")
     )
 

@@ -4,8 +4,9 @@ Charges that arrive in the same event-loop iteration leave in one pipelined writ
 call of charge.lua carrying all of them (up to _MAX_BATCH a call): Redis runs the script
 once for the lot instead of once per request, and each charge is still decided on its
 own, in order, atomically. So under load the round trips per request fall well below one
-while every decision stays exact. Refunds ride along in the same write. Through redis-py
-(a cluster, TLS, RESP3), each call carries one charge: a cluster call keeps to one slot.
+while every decision stays exact. Refunds ride along in the same write. This holds for
+``redis://``, ``rediss://`` (TLS) and ``unix://``. Through redis-py (a cluster, RESP3), each
+call carries one charge: a cluster call keeps to one slot.
 
 A charge whose caller stopped waiting (Redis answered after the timeout, so the request got
 its 503; or the caller was cancelled) is followed up when the reply comes: units Redis
@@ -40,8 +41,8 @@ from gateway.redis_pipe import Call, RedisPipe, Script, supports
 from gateway.resp import bulk, header
 
 # The raw pipeline (gateway.redis_pipe) carries charges and refunds when the client's URL
-# allows it (redis:// or unix://, RESP2, not a cluster); False sends everything through
-# redis-py.
+# allows it (redis://, rediss:// or unix://; RESP2; not a cluster); False sends everything
+# through redis-py.
 RAW_PIPELINE = True
 # Accounts whose encoded charge keys are kept; past it the cache starts over.
 _KEY_CACHE_SIZE = 4096
@@ -176,7 +177,7 @@ class RedisQuotaStore:
     async def _charge_one(
         self, account: str, route: str, cost: int, allowed_tiers: str
     ) -> Decision:
-        """Through redis-py (a cluster, TLS, RESP3): one charge per script call."""
+        """Through redis-py (a cluster, RESP3): one charge per script call."""
         try:
             account.encode()
         except UnicodeEncodeError as exc:  # fails here, not the batch it would join

@@ -22,7 +22,7 @@ from yarl import URL
 from config import Config, Settings, parse_config
 from config.settings import DEV_JWT_SECRET
 from gateway.app import create_app, gateway_handler
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError, self_signed_tls
 from gateway.front import FrontServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +67,22 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server.start()
     try:
         yield f"redis://127.0.0.1:{server.port}/{TEST_DB}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedRedis]:
+    """A redis-server of the suite's own that also speaks TLS (tls_url), with a CA made
+    for it; the same data on its plain port (url) for checking what went through TLS."""
+    work = tmp_path_factory.mktemp("tls-redis")
+    server = EmbeddedRedis(work / "data", persistent=False, tls=self_signed_tls(work / "tls"))
+    try:
+        server.start()
+    except EmbeddedRedisError as exc:
+        pytest.skip(f"this redis-server cannot serve TLS: {exc}")
+    try:
+        yield server
     finally:
         server.stop()
 

@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 
-from tests.conftest import ROOT, SECRET, auth, echo
+from gateway.embedded_redis import EmbeddedRedis
+from tests.conftest import ROOT, SECRET, TEST_DB, auth, echo
 
 METERGATE = str(Path(sys.executable).with_name("metergate"))
 
@@ -218,6 +219,28 @@ async def test_gateway_serves_metrics_on_a_listener_of_its_own(
                 assert resp.headers["Allow"] == "GET, HEAD"
     finally:
         code, stderr = _stop(proc, signal.SIGTERM)
+    assert code == 0, stderr
+
+
+async def test_gateway_charges_over_tls(tls_redis: EmbeddedRedis, start_upstream) -> None:
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    proc, port = _two_workers(str(upstream.make_url("")), tls_redis.tls_url(TEST_DB))
+    plain = redis.Redis(port=tls_redis.port, db=TEST_DB)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        await _wait_http(base + "/readyz")  # its ping went through TLS
+        async with aiohttp.ClientSession() as session:
+
+            async def get() -> int:
+                async with session.get(base + "/signals", headers=auth("acct-tls")) as resp:
+                    return resp.status
+
+            assert await asyncio.gather(*(get() for _ in range(40))) == [200] * 40
+        assert await plain.hget("mg:{acct-tls}:usage", "used") == b"40"
+    finally:
+        code, stderr = _stop(proc, signal.SIGTERM)
+        await plain.flushdb()  # the suite's own server: database 15 only
+        await plain.aclose()
     assert code == 0, stderr
 
 

@@ -20,7 +20,7 @@ import uvloop
 from prometheus_client import REGISTRY
 
 from gateway import keys
-from gateway.embedded_redis import find_redis_server
+from gateway.embedded_redis import EmbeddedRedis, find_redis_server
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
 from gateway.redis_client import create_redis
@@ -288,9 +288,44 @@ def test_a_batch_on_uvloop(server: Server) -> None:
     assert uvloop.run(main()) == [b"PONG", b"uv"]
 
 
-def test_tls_urls_stay_on_redis_py() -> None:
-    assert not supports(redis.Redis.from_url("rediss://127.0.0.1:6380/0"))
+def test_tls_urls_take_the_pipeline_resp3_does_not() -> None:
+    assert supports(redis.Redis.from_url("rediss://127.0.0.1:6380/0"))
     assert not supports(redis.Redis.from_url("redis://127.0.0.1:6379/0", protocol=3))
+    assert not supports(redis.Redis.from_url("rediss://127.0.0.1:6380/0", protocol=3))
+
+
+async def test_over_tls_a_batch_is_answered_and_the_connection_goes_back_to_redis_py(
+    tls_redis: EmbeddedRedis,
+) -> None:
+    client = create_redis(tls_redis.tls_url(), timeout=1.0)
+    pipe = RedisPipe(client, timeout=1.0)
+    try:
+        calls = _calls(*(command("INCRBY", "tls-counter", i) for i in range(1, 201)))
+        pipe.send(calls)
+        assert await _results(calls) == [i * (i + 1) // 2 for i in range(1, 201)]
+        await pipe.aclose()
+        # The TLS connection went back to the pool in working order and is reused.
+        assert await client.getdel("tls-counter") == b"20100"
+        assert len(client.connection_pool._available_connections) == 1
+    finally:
+        await client.aclose()
+
+
+async def test_over_tls_an_untrusted_server_is_unavailable_not_a_hang(
+    tls_redis: EmbeddedRedis,
+) -> None:
+    # Without ssl_ca_certs the system's CAs do not know the server's: its certificate fails.
+    client = create_redis(f"rediss://127.0.0.1:{tls_redis.tls_port}/0", timeout=1.0)
+    pipe = RedisPipe(client, timeout=1.0)
+    try:
+        started = time.monotonic()
+        pipe.send(calls := _calls(command("PING")))
+        (result,) = await _results(calls)
+        assert isinstance(result, QuotaStoreUnavailable)
+        assert time.monotonic() - started < 0.5
+    finally:
+        await pipe.aclose()
+        await client.aclose()
 
 
 @pytest.mark.parametrize("coalesce", [True, False], ids=["coalesced", "one-by-one"])

@@ -1,4 +1,7 @@
-"""The quota store's batches: one charge.lua call carries many charges, each on its own."""
+"""The quota store's batches: one charge.lua call carries many charges, each on its own.
+
+Every test runs twice: over plain TCP, and over TLS (``rediss://``) to a server of the
+suite's own, whose data the test checks through its plain port."""
 
 from __future__ import annotations
 
@@ -11,25 +14,44 @@ import redis.asyncio as redis
 from prometheus_client import REGISTRY
 
 from gateway import keys, redis_quota
+from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
 from gateway.redis_client import create_redis
 from gateway.redis_quota import RedisQuotaStore
-from tests.conftest import Clock, load_test_config, replace_section
+from tests.conftest import TEST_DB, Clock, load_test_config, replace_section
 
 StoreFactory = Callable[..., RedisQuotaStore]
 
 
+@pytest.fixture(params=["tcp", "tls"])
+def urls(request: pytest.FixtureRequest, redis_url: str) -> tuple[str, str]:
+    """Where the store connects, and where the test looks at the data."""
+    if request.param == "tcp":
+        return redis_url, redis_url
+    server: EmbeddedRedis = request.getfixturevalue("tls_redis")
+    return server.tls_url(TEST_DB), f"redis://127.0.0.1:{server.port}/{TEST_DB}"
+
+
+@pytest.fixture
+async def redis_client(urls: tuple[str, str]) -> AsyncIterator[redis.Redis]:
+    """The test's view of the store's database (conftest's, on the server in use)."""
+    client = redis.Redis.from_url(urls[1])
+    await client.flushdb()
+    yield client
+    await client.aclose()
+
+
 @pytest.fixture
 async def make_store(
-    redis_url: str, redis_client: redis.Redis, clock: Clock
+    urls: tuple[str, str], redis_client: redis.Redis, clock: Clock
 ) -> AsyncIterator[StoreFactory]:
     """Stores on their own clients, as the gateway has them, on a database redis_client
     has emptied; closed after the test."""
     made: list[tuple[RedisQuotaStore, redis.Redis]] = []
 
     def make(timeout: float | None = None, **kwargs: Any) -> RedisQuotaStore:
-        client = create_redis(redis_url, timeout=2.0)
+        client = create_redis(urls[0], timeout=2.0)
         config = load_test_config("http://127.0.0.1:9")
         if timeout is not None:
             config = replace_section(config, metering={"redis_timeout_seconds": timeout})
