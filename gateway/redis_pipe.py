@@ -267,6 +267,11 @@ class _Connection(asyncio.Protocol):
             self.ended.set_result(None)
 
 
+def _why(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+
+
 def _tell(call: Call, reply: Any) -> None:
     """A late hook's failure is logged, and does not keep the other calls from theirs."""
     assert call.late is not None
@@ -299,6 +304,7 @@ class RedisPipe:
         self._queue: list[Call] = []  # waiting for the connection
         self._connecting: asyncio.Task[None] | None = None
         self._returning: set[asyncio.Task[None]] = set()
+        self._unreachable = False  # the last connect failed (and was logged)
 
     def send(self, calls: list[Call]) -> None:
         conn = self._conn
@@ -353,6 +359,11 @@ class RedisPipe:
         except Exception as exc:  # whatever failed, the waiting calls get their 503
             if borrowed is not None:
                 await self._give_back(borrowed, broken=True)
+            if not self._unreachable:
+                # Once per outage, with the cause (a refused port, a certificate the CA
+                # does not vouch for, a wrong password): the 503s alone do not say it.
+                self._unreachable = True
+                log.warning("cannot connect to redis; charges fail until it is back: %s", _why(exc))
             error = QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}")
             queue, self._queue = self._queue, []
             for call in queue:
@@ -361,6 +372,9 @@ class RedisPipe:
             return
         finally:
             self._connecting = None
+        if self._unreachable:
+            self._unreachable = False
+            log.warning("connected to redis again")
         self._conn = conn = _Connection(
             self, loop, self._timeout, transport, borrowed, self._late_window
         )

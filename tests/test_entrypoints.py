@@ -242,6 +242,7 @@ async def test_gateway_charges_over_tls(tls_redis: EmbeddedRedis, start_upstream
         await plain.flushdb()  # the suite's own server: database 15 only
         await plain.aclose()
     assert code == 0, stderr
+    assert "cannot connect to redis" not in stderr
 
 
 def test_admin_refuses_a_cluster_url_in_one_line() -> None:

@@ -312,7 +312,7 @@ async def test_over_tls_a_batch_is_answered_and_the_connection_goes_back_to_redi
 
 
 async def test_over_tls_an_untrusted_server_is_unavailable_not_a_hang(
-    tls_redis: EmbeddedRedis,
+    tls_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Without ssl_ca_certs the system's CAs do not know the server's: its certificate fails.
     client = create_redis(f"rediss://127.0.0.1:{tls_redis.tls_port}/0", timeout=1.0)
@@ -323,6 +323,34 @@ async def test_over_tls_an_untrusted_server_is_unavailable_not_a_hang(
         (result,) = await _results(calls)
         assert isinstance(result, QuotaStoreUnavailable)
         assert time.monotonic() - started < 0.5
+    finally:
+        await pipe.aclose()
+        await client.aclose()
+    (warning,) = _pipe_logs(caplog)
+    assert "CERTIFICATE_VERIFY_FAILED" in warning  # the operator is told why
+
+
+def _pipe_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gateway.redis_pipe"]
+
+
+async def test_an_outage_is_logged_once_with_its_cause_and_its_end(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+    pipe = RedisPipe(client, timeout=1.0)
+    try:
+        server.stop()
+        for _ in range(3):  # every request's charge fails; the log says it once
+            pipe.send(calls := _calls(command("PING")))
+            (result,) = await _results(calls)
+            assert isinstance(result, QuotaStoreUnavailable)
+        (down,) = _pipe_logs(caplog)
+        assert down.startswith("cannot connect to redis") and "refused" in down
+        server.start()
+        pipe.send(calls := _calls(command("PING")))
+        assert await _results(calls) == [b"PONG"]
+        assert _pipe_logs(caplog) == [down, "connected to redis again"]
     finally:
         await pipe.aclose()
         await client.aclose()
