@@ -22,6 +22,9 @@ DEFAULT_CONFIG_PATH = "gateway.toml"
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 # Where `metergate gateway` and `metergate admin` look when METERGATE_REDIS_URL is unset.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# TLS options redis-py reads from a rediss:// URL's query that name files.
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_CERT_REQS = ("none", "optional", "required")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,6 +138,22 @@ def _check_redis_url(url: str) -> None:
         raise ValueError(f"database {db!r} is not a number")
     if parts.scheme.endswith("+cluster") and db not in ("", "0"):
         raise ValueError("a Redis Cluster has only database 0")
+    _check_tls_options(parts.scheme, query)
+
+
+def _check_tls_options(scheme: str, query: Mapping[str, list[str]]) -> None:
+    # redis-py opens these files, or refuses these values, only when it first connects: in
+    # a worker, as a 503 on every request. Say so at start instead.
+    options = sorted(k for k in query if k.startswith("ssl_"))
+    if options and not scheme.startswith("rediss"):
+        raise ValueError(f"{options[0]} needs a rediss:// URL (TLS)")
+    for name in _TLS_FILES:
+        for value in query.get(name, []):
+            if not Path(value).is_file():
+                raise ValueError(f"{name}: no such file {value}")
+    for value in query.get("ssl_cert_reqs", []):
+        if value not in _CERT_REQS:
+            raise ValueError(f"ssl_cert_reqs: expected none, optional or required, not {value!r}")
 
 
 def _check_secret_length(secret: str, config: Config) -> None:

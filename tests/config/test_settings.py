@@ -73,6 +73,7 @@ def test_short_secret_is_refused() -> None:
         "redis://[::1]:6379",
         "redis+cluster://10.0.0.5:7000",
         "rediss+cluster://10.0.0.5:7000/0",
+        f"rediss://10.0.0.5:6380/0?ssl_ca_certs={__file__}&ssl_cert_reqs=required",
     ],
 )
 def test_redis_url(url: str) -> None:
@@ -94,6 +95,11 @@ def test_redis_url(url: str) -> None:
         ("unix:///r.sock?db=x", "database 'x' is not a number"),
         ("redis+cluster://127.0.0.1:7000/1", "only database 0"),
         ("redis+cluster://127.0.0.1:7000?db=2", "only database 0"),
+        ("rediss://h:6380/0?ssl_ca_certs=/no/ca.pem", "ssl_ca_certs: no such file /no/ca.pem"),
+        ("rediss://h:6380/0?ssl_certfile=/no/c.pem", "ssl_certfile: no such file /no/c.pem"),
+        ("rediss://h:6380/0?ssl_keyfile=/no/k.pem", "ssl_keyfile: no such file /no/k.pem"),
+        ("rediss://:pw@h:6380/0?ssl_cert_reqs=yes", "ssl_cert_reqs: expected none, optional"),
+        ("redis://:pw@h:6379/0?ssl_ca_certs=/etc/hosts", "ssl_ca_certs needs a rediss:// URL"),
     ],
 )
 def test_bad_redis_url(url: str, detail: str) -> None:
