@@ -43,7 +43,7 @@ import redis
 from config.load import load_config
 from gateway import keys
 from gateway.auth import issue_token
-from gateway.embedded_redis import EmbeddedRedis
+from gateway.embedded_redis import EmbeddedRedis, self_signed_tls
 from gateway.routing import PricedRoute, RouteTable
 from loadtests import systems, wrk
 from loadtests.procs import Child, cpu_seconds, free_port, pin, wait_http
@@ -99,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="metergate-bench-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)  # nginx's worker runs as another user and reads its paths here
-        with EmbeddedRedis(work / "redis", persistent=False) as server:
+        # TLS only when a system asks for it: a redis-server may be built without it.
+        tls = self_signed_tls(work / "tls") if any(s.redis_tls for s in chosen) else None
+        with EmbeddedRedis(work / "redis", persistent=False, tls=tls) as server:
             backend_port = free_port()
             backend = Child(
                 "backend",
@@ -109,7 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             try:
                 wait_http(backend_port, "/__bench/stats")
-                env = Environment(backend_port, server.url, secrets.token_hex(32), work)
+                env = Environment(
+                    backend_port,
+                    server.url,
+                    secrets.token_hex(32),
+                    work,
+                    redis_tls_url=server.tls_url() if tls is not None else "",
+                )
                 client = redis.Redis.from_url(server.url)
                 bench = _Bench(args, env, client, backend, routes, wrk_bin)
                 rounds: dict[str, list[Result]] = {s.name: [] for s in chosen}
@@ -320,6 +328,7 @@ class _Bench:
             kind=system.kind,
             workers=system.workers,
             metering=system.metering,
+            redis_tls=system.redis_tls,
             rps=run.rps,
             p50_ms=run.p50_ms,
             p90_ms=run.p90_ms,
@@ -385,7 +394,7 @@ def _batch_histogram(url: str) -> tuple[float | None, float | None]:
 
 def _choose(names: str | None, nproc: int, scaling: bool) -> list[System]:
     defaults = systems.default_systems(nproc)
-    by_name = {s.name: s for s in defaults}
+    by_name = {s.name: s for s in [*defaults, systems.TLS_SYSTEM]}
     if names:
         chosen = []
         for name in (n.strip() for n in names.split(",") if n.strip()):
@@ -400,7 +409,9 @@ def _choose(names: str | None, nproc: int, scaling: bool) -> list[System]:
     else:
         chosen = list(defaults)
     if scaling:
-        have = {s.workers for s in chosen if s.kind == "metergate" and s.metering}
+        have = {
+            s.workers for s in chosen if s.kind == "metergate" and s.metering and not s.redis_tls
+        }
         chosen += [systems.metergate(w) for w in range(1, nproc + 1) if w not in have]
     return chosen
 
@@ -452,7 +463,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--systems",
         help="comma-separated: direct,nginx,yardstick,metergate-off,metergate-1w,"
-        "metergate-<N>w (default: all, N = nproc)",
+        "metergate-<N>w (default: these, N = nproc), metergate-1w-tls (Redis over TLS)",
     )
     p.add_argument(
         "--scaling", action="store_true", help="also metergate complete at workers = 1..nproc"

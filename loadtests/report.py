@@ -41,6 +41,7 @@ class Result:
     units_charged: int
     check_ok: bool
     problems: list[str] = field(default_factory=list)
+    redis_tls: bool = False
     loadavg: tuple[float, float, float] = (0.0, 0.0, 0.0)
     # Over the rounds this result sums up: their count and the lowest and highest CPU/req.
     rounds: int = 1
@@ -162,7 +163,8 @@ def evaluate_targets(results: Sequence[Result], connections: int) -> list[Target
 
 def scaling_rows(results: Sequence[Result]) -> list[dict[str, float]]:
     runs = sorted(
-        (r for r in results if r.kind == "metergate" and r.metering), key=lambda r: r.workers
+        (r for r in results if r.kind == "metergate" and r.metering and not r.redis_tls),
+        key=lambda r: r.workers,
     )
     if not runs:
         return []

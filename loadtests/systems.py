@@ -21,6 +21,7 @@ class System:
     metering: bool = False
     workers: int = 1
     label: str = ""
+    redis_tls: bool = False  # metergate's Redis over TLS (rediss://)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class Environment:
     redis_url: str
     secret: str
     work_dir: Path
+    redis_tls_url: str = ""  # the same Redis over TLS, when a system asks for it
 
 
 def default_systems(nproc: int) -> list[System]:
@@ -48,6 +50,16 @@ def default_systems(nproc: int) -> list[System]:
             label=f"metergate complete, {nproc} workers",
         ),
     ]
+
+
+# Not among the defaults: the cost of TLS to Redis, measured when asked for.
+TLS_SYSTEM = System(
+    "metergate-1w-tls",
+    "metergate",
+    metering=True,
+    label="metergate complete, 1 worker, Redis over TLS",
+    redis_tls=True,
+)
 
 
 def metergate(workers: int) -> System:
@@ -104,10 +116,12 @@ def _metergate(system: System, env: Environment, port: int) -> Child:
     if count != 1:
         raise RuntimeError("gateway.toml has no [metering] enabled = ... line to change")
     config.write_text(text)
+    if system.redis_tls and not env.redis_tls_url:
+        raise RuntimeError("no Redis over TLS was started")
     child_env = {
         **os.environ,
         "METERGATE_CONFIG": str(config),
-        "METERGATE_REDIS_URL": env.redis_url,
+        "METERGATE_REDIS_URL": env.redis_tls_url if system.redis_tls else env.redis_url,
         "METERGATE_JWT_SECRET": env.secret,
         "METERGATE_UPSTREAM_URL": f"http://127.0.0.1:{env.backend_port}",
         "METERGATE_GATEWAY_LISTEN": f"127.0.0.1:{port}",

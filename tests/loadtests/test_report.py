@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from loadtests.report import Result, evaluate_targets, median_result, render
+from loadtests.report import Result, evaluate_targets, median_result, render, scaling_rows
 
 
 def _result(system: str = "metergate-1w", cpu: float = 40.0, **fields: object) -> Result:
@@ -100,3 +100,16 @@ def test_the_table_shows_the_spread_and_how_many_rounds() -> None:
     text = render([combined], [], [], machine, settings)
     assert "median of 3 rounds" in text
     assert "| 40.0 | 38.0-52.0 |" in text
+
+
+def test_the_scaling_curve_leaves_out_redis_over_tls() -> None:
+    results = [
+        _result(rps=1000.0),
+        _result("metergate-2w", workers=2, rps=1500.0),
+        _result("metergate-1w-tls", rps=800.0, redis_tls=True),
+    ]
+    rows = scaling_rows(results)
+    assert [(r["workers"], r["rps"], r["speedup"]) for r in rows] == [
+        (1, 1000.0, 1.0),
+        (2, 1500.0, 1.5),
+    ]
