@@ -8,18 +8,27 @@ benchmark of the ``rediss://`` path; ``self_signed_tls`` makes the files for it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import shutil
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 
 class EmbeddedRedisError(RuntimeError):
     pass
+
+
+def builds_tls(binary: str) -> bool:
+    """Whether this redis-server was built with TLS (BUILD_TLS=yes links OpenSSL in)."""
+    # It would start either way; without TLS it just never answers on its TLS port.
+    return b"SSL_CTX_new" in Path(binary).read_bytes()
 
 
 def find_redis_server() -> str:
@@ -135,7 +144,8 @@ class EmbeddedRedis:
     def tls_url(self, db: int = 0) -> str:
         """The same server over TLS, its CA trusted (redis-py reads ssl_* from the URL)."""
         assert self.tls is not None, "started without tls"
-        return f"rediss://127.0.0.1:{self.tls_port}/{db}?ssl_ca_certs={self.tls.ca}"
+        ca = quote(str(self.tls.ca), safe="/")
+        return f"rediss://127.0.0.1:{self.tls_port}/{db}?ssl_ca_certs={ca}"
 
     def start(self, timeout: float = 10.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -162,16 +172,32 @@ class EmbeddedRedis:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode() if self._proc.stderr else ""
-                raise EmbeddedRedisError(f"redis-server exited: {err.strip()[:300]}")
+                raise EmbeddedRedisError(f"redis-server exited: {err.strip()[:300]}{self._log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
+                if self._answers(self.port) and (not self.tls or self._answers(self.tls_port)):
+                    return
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         self.stop()
-        raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}")
+        raise EmbeddedRedisError(f"redis-server did not answer on port {self.port}{self._log()}")
+
+    def _answers(self, port: int) -> bool:
+        with contextlib.ExitStack() as stack:
+            sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), 0.2))
+            if port == self.tls_port and self.tls is not None:
+                context = ssl.create_default_context(cafile=str(self.tls.ca))
+                sock = stack.enter_context(context.wrap_socket(sock, server_hostname="127.0.0.1"))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+
+    def _log(self) -> str:
+        """The end of the server's log (where it says why it stopped), for an error."""
+        try:
+            lines = (self.data_dir / "redis.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return " | log: " + " / ".join(lines[-3:])[-300:] if lines else ""
 
     def stop(self) -> None:
         if self._proc is None:
