@@ -7,8 +7,10 @@ the file's defaults for listen addresses and worker count.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import msgspec
@@ -138,10 +140,10 @@ def _check_redis_url(url: str) -> None:
         raise ValueError(f"database {db!r} is not a number")
     if parts.scheme.endswith("+cluster") and db not in ("", "0"):
         raise ValueError("a Redis Cluster has only database 0")
-    _check_tls_options(parts.scheme, query)
+    _check_tls_options(url, parts.scheme, query)
 
 
-def _check_tls_options(scheme: str, query: Mapping[str, list[str]]) -> None:
+def _check_tls_options(url: str, scheme: str, query: Mapping[str, list[str]]) -> None:
     # redis-py opens these files, or refuses these values, only when it first connects: in
     # a worker, as a 503 on every request. Say so at start instead.
     options = sorted(k for k in query if k.startswith("ssl_"))
@@ -151,9 +153,35 @@ def _check_tls_options(scheme: str, query: Mapping[str, list[str]]) -> None:
         for value in query.get(name, []):
             if not Path(value).is_file():
                 raise ValueError(f"{name}: no such file {value}")
+    if "ssl_keyfile" in query and "ssl_certfile" not in query:
+        raise ValueError("ssl_keyfile needs ssl_certfile (the client certificate)")
     for value in query.get("ssl_cert_reqs", []):
         if value not in _CERT_REQS:
             raise ValueError(f"ssl_cert_reqs: expected none, optional or required, not {value!r}")
+    if not scheme.endswith("+cluster"):  # a cluster client takes other options
+        _check_with_redis_py(url)
+
+
+def _check_with_redis_py(url: str) -> None:
+    """Build what redis-py builds at the first connect: the connection (an option it does
+    not know is a TypeError there) and, for TLS, its context with the files loaded."""
+    from redis.asyncio.connection import Connection, SSLConnection, parse_url
+    from redis.exceptions import RedisError
+
+    options: dict[str, Any] = dict(parse_url(url))  # ValueError: a value of the wrong type
+    connection_class = options.pop("connection_class", Connection)
+    for pool_option in ("max_connections", "timeout"):
+        options.pop(pool_option, None)
+    try:
+        connection = connection_class(**options)
+    except TypeError as exc:
+        name = re.search(r"argument '(\w+)'", str(exc))
+        raise ValueError(f"unknown option {name[1] if name else exc}") from None
+    if isinstance(connection, SSLConnection):
+        try:
+            connection.ssl_context.get()
+        except (OSError, ValueError, TypeError, RedisError) as exc:  # SSLError: an OSError
+            raise ValueError(f"TLS: {exc}") from None
 
 
 def _check_secret_length(secret: str, config: Config) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from config import ConfigError, load_settings
 from config.settings import DEV_JWT_SECRET
+from gateway.embedded_redis import self_signed_tls
 from tests.conftest import ROOT
 
 SHIPPED = str(ROOT / "gateway.toml")
@@ -73,11 +74,22 @@ def test_short_secret_is_refused() -> None:
         "redis://[::1]:6379",
         "redis+cluster://10.0.0.5:7000",
         "rediss+cluster://10.0.0.5:7000/0",
-        f"rediss://10.0.0.5:6380/0?ssl_ca_certs={__file__}&ssl_cert_reqs=required",
     ],
 )
 def test_redis_url(url: str) -> None:
     assert load_settings(env=_env(METERGATE_REDIS_URL=url)).redis_url == url
+
+
+def test_a_tls_url_with_its_ca_and_client_certificate(tmp_path: Path) -> None:
+    tls = self_signed_tls(tmp_path)
+    url = (
+        f"rediss://10.0.0.5:6380/0?ssl_ca_certs={tls.ca}&ssl_cert_reqs=required"
+        f"&ssl_certfile={tls.cert}&ssl_keyfile={tls.key}"
+    )
+    assert load_settings(env=_env(METERGATE_REDIS_URL=url)).redis_url == url
+    mismatched = url.replace(f"ssl_certfile={tls.cert}", f"ssl_certfile={tls.ca}")
+    with pytest.raises(ConfigError, match=r"METERGATE_REDIS_URL: TLS: .*KEY_VALUES_MISMATCH"):
+        load_settings(env=_env(METERGATE_REDIS_URL=mismatched))
 
 
 @pytest.mark.parametrize(
@@ -100,6 +112,11 @@ def test_redis_url(url: str) -> None:
         ("rediss://h:6380/0?ssl_keyfile=/no/k.pem", "ssl_keyfile: no such file /no/k.pem"),
         ("rediss://:pw@h:6380/0?ssl_cert_reqs=yes", "ssl_cert_reqs: expected none, optional"),
         ("redis://:pw@h:6379/0?ssl_ca_certs=/etc/hosts", "ssl_ca_certs needs a rediss:// URL"),
+        ("rediss://h:6380/0?ssl_keyfile=/etc/hosts", "ssl_keyfile needs ssl_certfile"),
+        ("rediss://h:6380/0?ssl_ca_cert=/etc/hosts", "unknown option ssl_ca_cert"),
+        ("redis://:pw@h:6379/0?sockettimeout=1", "unknown option sockettimeout"),
+        ("rediss://h:6380/0?ssl_ca_certs=/etc/hosts", "TLS: [X509: NO_CERTIFICATE_OR_CRL_FOUND]"),
+        ("rediss://h:6380/0?ssl_min_version=abc", "Invalid value for 'ssl_min_version'"),
     ],
 )
 def test_bad_redis_url(url: str, detail: str) -> None:
