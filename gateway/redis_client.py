@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TypeAlias
 
 import redis.asyncio as redis
@@ -14,6 +15,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+log = logging.getLogger("gateway.redis")
 RedisClient: TypeAlias = redis.Redis | RedisCluster
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 # What a failing Redis may raise: the cluster client's own errors (slot not covered, no
@@ -68,3 +70,26 @@ def create_cluster(url: str, *, timeout: float, max_connections: int = 64) -> Re
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
     )
+
+
+class OutageLog:
+    """Says once per outage why Redis failed, and once that it is back: the 503s (or the
+    requests let through, failing open) do not say why, and a line per request would
+    flood the log."""
+
+    __slots__ = ("down",)
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def failed(self, exc: BaseException) -> None:
+        if not self.down:
+            self.down = True
+            text = str(exc)
+            why = f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
+            log.warning("redis unavailable, charges fail until it is back: %s", why)
+
+    def ok(self) -> None:
+        if self.down:
+            self.down = False
+            log.warning("redis is back")

@@ -39,6 +39,7 @@ from redis.asyncio.connection import (
 )
 
 from gateway.errors import QuotaStoreUnavailable
+from gateway.redis_client import OutageLog
 from gateway.resp import command
 
 log = logging.getLogger(__name__)
@@ -267,11 +268,6 @@ class _Connection(asyncio.Protocol):
             self.ended.set_result(None)
 
 
-def _why(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
-
-
 def _tell(call: Call, reply: Any) -> None:
     """A late hook's failure is logged, and does not keep the other calls from theirs."""
     assert call.late is not None
@@ -304,7 +300,7 @@ class RedisPipe:
         self._queue: list[Call] = []  # waiting for the connection
         self._connecting: asyncio.Task[None] | None = None
         self._returning: set[asyncio.Task[None]] = set()
-        self._unreachable = False  # the last connect failed (and was logged)
+        self._outage = OutageLog()  # connects that fail, logged once per outage
 
     def send(self, calls: list[Call]) -> None:
         conn = self._conn
@@ -359,11 +355,7 @@ class RedisPipe:
         except Exception as exc:  # whatever failed, the waiting calls get their 503
             if borrowed is not None:
                 await self._give_back(borrowed, broken=True)
-            if not self._unreachable:
-                # Once per outage, with the cause (a refused port, a certificate the CA
-                # does not vouch for, a wrong password): the 503s alone do not say it.
-                self._unreachable = True
-                log.warning("cannot connect to redis; charges fail until it is back: %s", _why(exc))
+            self._outage.failed(exc)  # a refused port, a certificate, a password
             error = QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}")
             queue, self._queue = self._queue, []
             for call in queue:
@@ -372,9 +364,7 @@ class RedisPipe:
             return
         finally:
             self._connecting = None
-        if self._unreachable:
-            self._unreachable = False
-            log.warning("connected to redis again")
+        self._outage.ok()
         self._conn = conn = _Connection(
             self, loop, self._timeout, transport, borrowed, self._late_window
         )

@@ -36,7 +36,7 @@ from gateway import keys, metrics
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import PeriodClock
 from gateway.quota import Decision, Reason
-from gateway.redis_client import REDIS_ERRORS, RedisClient
+from gateway.redis_client import REDIS_ERRORS, OutageLog, RedisClient
 from gateway.redis_pipe import Call, RedisPipe, Script, supports
 from gateway.resp import bulk, header
 
@@ -141,6 +141,7 @@ class RedisQuotaStore:
         self._routes: dict[tuple[str, int, str], bytes] = {}
         self._accounts: dict[str, tuple[str, bytes]] = {}
         self._late_refunds: set[asyncio.Task[None]] = set()
+        self._outage = OutageLog()  # through redis-py; the pipe keeps its own
 
     def charge(
         self, account: str, route: str, cost: int, allowed_tiers: str = ""
@@ -413,6 +414,7 @@ class RedisQuotaStore:
                     # sends a script to any node and each MOVED costs a round trip.
                     await self._redis.initialize()
                 results = await self._execute(batch)
+                self._outage.ok()
                 retry = [c for c, r in zip(batch, results, strict=True) if _noscript(r)]
                 # Settle what ran before reloading: those charges are applied, so a failure
                 # of the reload must not turn them into 503s the customer still pays for.
@@ -428,7 +430,9 @@ class RedisQuotaStore:
         except Exception as exc:
             # Whatever the client raises fails the waiting calls: one left unsettled would
             # hold its request forever. Only the expected kinds go unlogged.
-            if not isinstance(exc, REDIS_ERRORS):
+            if isinstance(exc, REDIS_ERRORS):
+                self._outage.failed(exc)
+            else:
                 log.error("redis client failed: %r", exc, exc_info=exc)
             error = QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}")
             for call in batch:

@@ -19,7 +19,7 @@ import redis.asyncio as redis
 import uvloop
 from prometheus_client import REGISTRY
 
-from gateway import keys
+from gateway import keys, redis_quota
 from gateway.embedded_redis import EmbeddedRedis, find_redis_server
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
@@ -311,6 +311,23 @@ async def test_over_tls_a_batch_is_answered_and_the_connection_goes_back_to_redi
         await client.aclose()
 
 
+def test_over_tls_on_asyncio_s_own_loop(tls_redis: EmbeddedRedis) -> None:
+    # The suite runs on uvloop; asyncio's own TLS transport is another implementation.
+    async def main() -> list[Any]:
+        client = create_redis(tls_redis.tls_url(), timeout=1.0)
+        pipe = RedisPipe(client, timeout=1.0)
+        try:
+            pipe.send(calls := _calls(command("PING"), command("ECHO", "asyncio")))
+            results = await _results(calls)
+            await pipe.aclose()
+            return [*results, await client.echo("after")]  # handed back, in working order
+        finally:
+            await client.aclose()
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        assert runner.run(main()) == [b"PONG", b"asyncio", b"after"]
+
+
 async def test_over_tls_an_untrusted_server_is_unavailable_not_a_hang(
     tls_redis: EmbeddedRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -326,12 +343,12 @@ async def test_over_tls_an_untrusted_server_is_unavailable_not_a_hang(
     finally:
         await pipe.aclose()
         await client.aclose()
-    (warning,) = _pipe_logs(caplog)
+    (warning,) = _outage_logs(caplog)
     assert "CERTIFICATE_VERIFY_FAILED" in warning  # the operator is told why
 
 
-def _pipe_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "gateway.redis_pipe"]
+def _outage_logs(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "gateway.redis"]
 
 
 async def test_an_outage_is_logged_once_with_its_cause_and_its_end(
@@ -345,14 +362,35 @@ async def test_an_outage_is_logged_once_with_its_cause_and_its_end(
             pipe.send(calls := _calls(command("PING")))
             (result,) = await _results(calls)
             assert isinstance(result, QuotaStoreUnavailable)
-        (down,) = _pipe_logs(caplog)
-        assert down.startswith("cannot connect to redis") and "refused" in down
+        (down,) = _outage_logs(caplog)
+        assert down.startswith("redis unavailable, charges fail") and "refused" in down
         server.start()
         pipe.send(calls := _calls(command("PING")))
         assert await _results(calls) == [b"PONG"]
-        assert _pipe_logs(caplog) == [down, "connected to redis again"]
+        assert _outage_logs(caplog) == [down, "redis is back"]
     finally:
         await pipe.aclose()
+        await client.aclose()
+
+
+async def test_through_redis_py_an_outage_is_logged_once_too(
+    server: Server, clock: Clock, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", False)  # as for a cluster
+    client = create_redis(f"redis://127.0.0.1:{server.port}/0", timeout=1.0)
+    store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
+    try:
+        server.stop()
+        for _ in range(3):
+            with pytest.raises(QuotaStoreUnavailable):
+                await store.charge("acct-outage", "/signals", 1)
+        (down,) = _outage_logs(caplog)
+        assert down.startswith("redis unavailable, charges fail") and "refused" in down
+        server.start()
+        assert (await store.charge("acct-outage", "/signals", 1)).used == 1
+        assert _outage_logs(caplog) == [down, "redis is back"]
+    finally:
+        await store.aclose()
         await client.aclose()
 
 
