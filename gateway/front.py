@@ -28,6 +28,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
@@ -56,6 +57,7 @@ _PIPELINE_MAX = 16
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _HEAD_TOO_LARGE = "the request head is too large"
 _FIELD_TOO_LARGE = "a header field is too large"
+_TRAILER_TOO_LARGE = "the trailer is too large"
 # Requests parsed ahead of their turn: reading pauses at _PIPELINE_MAX, and a client that
 # packs more than _PIPELINE_LIMIT into what was already read is refused.
 _PIPELINE_LIMIT = 64
@@ -63,6 +65,12 @@ _PIPELINE_LIMIT = 64
 _NOTED = frozenset({b"authorization", b"content-length", b"expect", b"host", b"transfer-encoding"})
 _NOTED_LENGTHS = frozenset(len(n) for n in _NOTED)
 _JSON = "application/json"
+_VERSIONS = frozenset({"1.0", "1.1"})
+# RFC 3986 host [":" port]: an IP literal, or a reg-name (IPv4 included); empty is allowed.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{0,5})?")
+# Host values already checked: clients send the same few, and the check is a regex.
+_good_hosts: set[bytes] = set()
+_GOOD_HOSTS_MAX = 1024
 
 
 class ClientGone(ConnectionResetError):
@@ -132,7 +140,8 @@ class Request:
         # Every Authorization line: more than one is refused by the proxy.
         self.authorization = [_text(v) for v in noted.get(b"authorization", ())]
         expect = noted.get(b"expect")
-        self.expect = _text(expect[0]) if expect else None
+        # All of them: "100-continue" and another must not pass as the first alone.
+        self.expect = _text(b", ".join(expect)) if expect else None
         length = noted.get(b"content-length")
         # llhttp has refused a malformed, repeated or Transfer-Encoding-paired length.
         self.content_length = int(length[0]) if length else None
@@ -333,11 +342,13 @@ def _encode_headers(headers: CIMultiDict[str] | dict[str, str]) -> bytes:
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_active",
+        "_body_fed",
         "_closed_at",
         "_drain",
         "_eof",
         "_field_bytes",
         "_fields",
+        "_framing",
         "_head_bytes",
         "_head_size",
         "_headers",
@@ -379,6 +390,8 @@ class _Connection(asyncio.Protocol):
         self._field_bytes = 0  # ... of those reads since a header field last ended
         self._fields = 0  # header and trailer fields parsed on this connection
         self._in_body = False  # between a head and its message's end: fields are trailers
+        self._body_fed = 0  # body bytes the parser gave in the read being fed
+        self._framing = 0  # body bytes received since the last piece of body: framing
         self._closed_at: float | None = None
         self._last: Request | None = None  # the request whose head was parsed last
         self.parsing: Request | None = None  # the request whose body is being received
@@ -422,6 +435,7 @@ class _Connection(asyncio.Protocol):
             return
         in_head = self.head_started is not None
         fields = self._fields
+        self._body_fed = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -450,6 +464,15 @@ class _Connection(asyncio.Protocol):
                     self._fail(_HeadError(431, "request_head_too_large", _FIELD_TOO_LARGE))
                 elif self._head_bytes > self._server.max_head:
                     self._fail(_HeadError(431, "request_head_too_large", _HEAD_TOO_LARGE))
+            elif self._in_body:
+                # A chunked body's framing (chunk sizes, their extensions, trailer fields)
+                # is buffered by httptools until its line ends, reaching neither on_body
+                # nor on_header: a field that never ends is bounded by the bytes that came
+                # since the last piece of body.
+                fed = self._body_fed
+                self._framing = len(data) - fed if fed else self._framing + len(data)
+                if self._framing > self._server.max_head:
+                    self._fail(_HeadError(431, "request_head_too_large", _TRAILER_TOO_LARGE))
 
     def eof_received(self) -> bool:
         # The client shut its side after its requests (`nc -N`, some health checkers): they
@@ -510,7 +533,7 @@ class _Connection(asyncio.Protocol):
             # them) and never taken for a header of the next request; only bounded.
             self._head_size += len(name) + len(value) + 4
             if self._head_size > self._server.max_head:
-                raise _HeadError(431, "request_head_too_large", "the trailer is too large")
+                raise _HeadError(431, "request_head_too_large", _TRAILER_TOO_LARGE)
             return
         if len(name) + len(value) > self._server.max_field:
             raise _HeadError(431, "request_head_too_large", _FIELD_TOO_LARGE)
@@ -530,6 +553,7 @@ class _Connection(asyncio.Protocol):
         self.head_started = None
         self._in_body = True
         self._head_size = 0  # from here on: the trailer's
+        self._framing = 0
         parser = self._parser
         raw, self._headers = self._headers, []
         noted, self._noted = self._noted, {}
@@ -544,11 +568,28 @@ class _Connection(asyncio.Protocol):
             noted,
             parser.should_keep_alive(),
         )
-        hosts = len(noted.get(b"host", ()))
-        if hosts > 1 or (hosts == 0 and request.version == "1.1"):
+        if request.version not in _VERSIONS:
+            # HTTP/0.9 has no headers to check, HTTP/2+ is not spoken on this port.
+            message = f"HTTP/{request.version} is not supported"
+            raise _HeadError(505, "http_version_not_supported", message)
+        hosts = noted.get(b"host", ())
+        if len(hosts) > 1 or (not hosts and request.version == "1.1"):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in 1.0; two would let
             # the gateway and the backend each believe another.
             raise _HeadError(400, "bad_request", "a request needs exactly one Host header")
+        if hosts and hosts[0] not in _good_hosts:
+            # Forwarded as X-Forwarded-Host: only a host[:port] as RFC 3986 writes it.
+            if not _HOST.fullmatch(hosts[0]):
+                raise _HeadError(400, "bad_request", "the Host header is not a host[:port]")
+            if len(_good_hosts) >= _GOOD_HOSTS_MAX:
+                _good_hosts.clear()
+            _good_hosts.add(hosts[0])
+        codings = noted.get(b"transfer-encoding")
+        if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
+            # llhttp has refused one not ending in chunked; one before it (gzip, chunked)
+            # would be lost when the body is re-framed for the backend (RFC 9112 6.1: 501).
+            message = "only Transfer-Encoding: chunked is supported"
+            raise _HeadError(501, "unsupported_transfer_coding", message)
         if parser.should_upgrade() and request.body_exists:
             # llhttp hands what follows an upgrade's head to the other protocol: the body
             # would silently go missing, and the request be forwarded (and paid) without.
@@ -566,6 +607,7 @@ class _Connection(asyncio.Protocol):
                 self._stop_reading()
 
     def on_body(self, chunk: bytes) -> None:
+        self._body_fed += len(chunk)
         request = self.parsing
         if request is not None:
             request._feed(chunk)

@@ -55,6 +55,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.error: BaseException | None = None
         self._head_bytes = 0
+        self._body_fed = 0  # body bytes llhttp gave in the read being fed
+        self._framing = 0  # bytes received since the last piece of body
         self._te: bytes | None = None
         self._has_length = False
         self._headers_done = False
@@ -79,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.content_length = None
         self.complete = False
         self._head_bytes = 0
+        self._framing = 0
         self._te = None
         self._headers_done = False
         self._body.clear()
@@ -179,13 +182,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        self._body_fed = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._fail(ResponseError("the backend switched protocols"))
             self.close()
         except httptools.HttpParserError as exc:
-            self._fail(ResponseError(f"malformed response: {exc}"))
+            # A callback's own refusal comes wrapped ("User callback error"): say which.
+            cause = exc.__context__
+            error = cause if isinstance(cause, ResponseError) else None
+            self._fail(error or ResponseError(f"malformed response: {exc}"))
             self.close()
         except ResponseError as exc:
             self._fail(exc)
@@ -195,6 +202,14 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head_bytes += len(data)
                 if self._head_bytes > MAX_HEAD:
                     self._fail(ResponseError("response head too large"))
+                    self.close()
+            elif not self.complete:
+                # Chunk sizes, their extensions and trailer fields are buffered by llhttp
+                # until their line ends: bound the bytes between two pieces of body.
+                fed = self._body_fed
+                self._framing = len(data) - fed if fed else self._framing + len(data)
+                if self._framing > MAX_HEAD:
+                    self._fail(ResponseError("response trailer too large"))
                     self.close()
 
     def pause_writing(self) -> None:
@@ -225,6 +240,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
             raise ResponseError("response header field too long")
+        if self._headers_done:
+            return  # a trailer field: dropped (the answer is re-framed), bounded as framing
         lower = name.lower()
         if lower == b"transfer-encoding":
             self._te = value if self._te is None else self._te + b"," + value
@@ -242,12 +259,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.raw_headers = []
             self.content_length = None
             return
-        if self._te is not None and self._te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+        if self._te is not None and self._te.strip().lower() != b"chunked":
             # RFC 9112 6.1: chunked must be the final coding; anything else would leave the
-            # length to the end of the connection, the ambiguity smuggling lives on.
-            raise ResponseError("Transfer-Encoding without chunked as the final coding")
+            # length to the end of the connection, the ambiguity smuggling lives on. Other
+            # codings before it (gzip, chunked) are refused too: the answer is re-framed
+            # for the client, and a coding dropped on the way would corrupt its body.
+            raise ResponseError("a Transfer-Encoding other than chunked")
         self.status = status
-        self.keep_alive = bool(self._parser.should_keep_alive())
+        # HTTP/1.0 answers end their connection (RFC 9112 6.1: one with Transfer-Encoding
+        # MUST; the keep-alive extension is not worth the doubt).
+        self.keep_alive = (
+            bool(self._parser.should_keep_alive()) and self._parser.get_http_version() == "1.1"
+        )
         self._headers_done = True
         if self.head_only:
             # The answer to HEAD has no body whatever its Content-Length says; llhttp cannot
@@ -258,6 +281,7 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        self._body_fed += len(body)
         if self.head_only:
             return
         self._body.append(body)

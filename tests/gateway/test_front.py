@@ -1090,10 +1090,15 @@ async def test_shutdown_returns_once_a_streamed_answer_ends_and_cancels_straggle
     assert not front2.server.tasks
 
 
-async def test_an_expectation_other_than_100_continue_is_417(serve: Serve) -> None:
+@pytest.mark.parametrize(
+    "expect", [["Expect: teapot"], ["Expect: 100-continue", "Expect: teapot"]], ids=["one", "two"]
+)
+async def test_an_expectation_other_than_100_continue_is_417(
+    expect: list[str], serve: Serve
+) -> None:
     recorder = Recorder()
     front = await serve(recorder)
-    answer, closed = await _exchange(front.port, _request("GET", "/", headers=["Expect: teapot"]))
+    answer, closed = await _exchange(front.port, _request("GET", "/", headers=expect))
     assert (answer.status, _error_code(answer), closed) == (417, "expectation_failed", True)
     assert recorder.seen == []
 
@@ -1134,6 +1139,35 @@ async def test_a_header_field_that_never_ends_is_431_near_its_own_limit(serve: S
     assert recorder.seen == []
 
 
+async def test_a_trailer_field_that_never_ends_breaks_the_body_off(serve: Serve) -> None:
+    broke: list[str] = []
+
+    async def handler(request: Request) -> None:
+        try:
+            await request.read()
+        except ClientGone:
+            broke.append(request.raw_path)
+            request.error(400, "bad_request", "the request body broke off")
+            return
+        request.respond(200, TEXT, b"ok")
+
+    front = await serve(handler, Limits(max_header_bytes=1000))
+    async with _connect(front.port) as (reader, writer):
+        head = _request("POST", "/t", headers=["Transfer-Encoding: chunked"])
+        await _send(writer, head + b"3\r\nabc\r\n0\r\nX-Trailer: ")
+        closed = False
+        try:
+            for _ in range(400):  # 240 KB of one field, far over the head's 32 x 1000
+                await _send(writer, b"a" * 600)
+                await asyncio.sleep(0)
+            async with asyncio.timeout(5):
+                closed = not await reader.read()  # answered, then closed (it ends here) ...
+        except ConnectionError:
+            closed = True  # ... or reset: the gateway closed with the rest unread
+    assert closed
+    assert broke == ["/t"]  # the handler saw its body break off (the gateway refunds it)
+
+
 @pytest.mark.parametrize(
     ("head", "status"),
     [
@@ -1152,4 +1186,43 @@ async def test_a_request_has_exactly_one_host(head: bytes, status: int, serve: S
     assert answer.status == status
     if status == 400:
         assert _error_code(answer) == "bad_request"
+        assert recorder.seen == []
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        (b"GET /\r\n\r\n", 505, "http_version_not_supported"),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "http_version_not_supported"),
+        (b"GET / HTTP/1.1\r\nHost: a b@c\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400, "bad_request"),
+        (
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            501,
+            "unsupported_transfer_coding",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", 200, ""),
+        (b"GET / HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n", 200, ""),
+        (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", 200, ""),
+    ],
+    ids=[
+        "http-0.9",
+        "http-2.0",
+        "host-space",
+        "host-slash",
+        "gzip-chunked",
+        "ipv6",
+        "port",
+        "empty",
+    ],
+)
+async def test_what_is_forwarded_is_http_1_with_a_plain_host_and_chunked_only(
+    head: bytes, status: int, code: str, serve: Serve
+) -> None:
+    recorder = Recorder()
+    front = await serve(recorder)
+    answer, _ = await _exchange(front.port, head)
+    assert answer.status == status
+    if code:
+        assert _error_code(answer) == code
         assert recorder.seen == []
