@@ -41,7 +41,8 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    """The backend sent no response head within the upstream's timeout: 504."""
+    """The backend sent no response head, or read none of the body, within the upstream's
+    timeout: 504."""
 
 
 class BodyCut(UpstreamError):
@@ -174,7 +175,9 @@ class UpstreamPool:
         try:
             return await self._exchange(conn, head, body, chunked, head_only)
         except ConnectionLost as exc:
-            replayable = body is None or (isinstance(body, bytes) and method in _IDEMPOTENT)
+            # Never a POST, even without a body: the backend may have acted on it before
+            # the connection broke (RFC 9112 9.3.1).
+            replayable = method in _IDEMPOTENT and (body is None or isinstance(body, bytes))
             if not (reused and not exc.partial and replayable):
                 raise UpstreamUnavailable(str(exc)) from exc
         # The backend closed an idle connection as we reused it: nothing was processed.
@@ -210,7 +213,7 @@ class UpstreamPool:
         body: AsyncIterable[bytes],
         chunked: bool,
     ) -> None:
-        sender = asyncio.ensure_future(_send_body(conn, body, chunked))
+        sender = asyncio.ensure_future(_send_body(conn, body, chunked, self.read_timeout))
         try:
             await asyncio.wait((sender, waiter), return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
@@ -354,7 +357,9 @@ class UpstreamPool:
         self._waiters.clear()
 
 
-async def _send_body(conn: UpstreamConnection, body: AsyncIterable[bytes], chunked: bool) -> None:
+async def _send_body(
+    conn: UpstreamConnection, body: AsyncIterable[bytes], chunked: bool, timeout: float
+) -> None:
     async for chunk in body:
         if not chunk:
             continue
@@ -362,7 +367,12 @@ async def _send_body(conn: UpstreamConnection, body: AsyncIterable[bytes], chunk
             conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         else:
             conn.write(chunk)
-        await conn.drain()
+        try:
+            # A backend that stops reading the body would otherwise hold the request (and
+            # its connection) for ever: the answer's own timeout starts only after it.
+            await conn.drain(timeout)
+        except TimeoutError:
+            raise UpstreamTimeout("the backend stopped reading the request body") from None
     if chunked:
         conn.write(b"0\r\n\r\n")
 

@@ -98,14 +98,20 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float) -> None:
+        """Wait while the backend does not take what was written; TimeoutError past
+        ``timeout`` seconds of that."""
         if self.closed:
             raise ConnectionLost("connection closed while sending", partial=self.got_bytes)
         if not self._writing_paused:
             return
         waiter = self._loop.create_future()
         self._drain_waiter = waiter
-        await waiter
+        timer = self._loop.call_later(timeout, _time_out, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
 
     def read_ready(self) -> asyncio.Future[None] | None:
         """None when body bytes, the end or an error are ready; else a future to wait on."""
@@ -328,3 +334,8 @@ class UpstreamConnection(asyncio.Protocol):
                     waiter.set_exception(
                         ConnectionLost("connection closed while sending", partial=self.got_bytes)
                     )
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
