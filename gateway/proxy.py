@@ -326,6 +326,10 @@ class Proxy:
             upstream_resp = await self._pools[route.upstream_name].request(
                 request.method, target, out_head, data, length=streamed_length
             )
+        except asyncio.CancelledError:
+            # Shutdown past its grace period cancels the request unserved: it does not pay.
+            await asyncio.shield(refund("cancelled"))
+            raise
         except (UpstreamError, UnsafeHeader, _BodyTooLarge, _ClientStalled, ClientGone) as exc:
             if isinstance(exc, (_ClientStalled, ClientGone)):
                 # A stalled upload (the pool discarded the backend connection it held, never
@@ -359,6 +363,10 @@ class Proxy:
                 metrics.UPSTREAM_ERRORS.labels(route.upstream_name, str(upstream_resp.status)).inc()
                 await refund(str(upstream_resp.status))
             await self._relay(request, upstream_resp, decision, rm, started, refund)
+        except asyncio.CancelledError:
+            if not request.finished:  # cut off mid-answer, as when the backend breaks off
+                await asyncio.shield(refund("cancelled"))
+            raise
         finally:
             upstream_resp.release()
 

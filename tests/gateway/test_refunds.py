@@ -302,3 +302,25 @@ async def test_a_refund_leaves_no_overage_that_was_not_used(
     assert (await x)[0] == 503
     usage = await redis_client.hmget(keys.usage_key(account), "used", "overage")
     assert [int(v or 0) for v in usage] == [1000, 0]
+
+
+async def test_a_request_cancelled_by_shutdown_is_refunded(
+    start_gateway, redis_client: redis.Redis, raw_upstream
+) -> None:
+    arrived = asyncio.Event()
+
+    async def never_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        arrived.set()
+        await asyncio.sleep(30)
+
+    gateway = await start_gateway(load_test_config(await raw_upstream(never_answers)))
+    before = _refunded("/export/pdf")
+    pending = asyncio.ensure_future(_fetch(gateway, "/export/pdf", "acct-shutdown"))
+    await asyncio.wait_for(arrived.wait(), 5)
+    assert await _usage(redis_client, "acct-shutdown") == 5  # charged, then forwarded
+    # Past its grace period the request is cancelled, unserved: it must not pay.
+    await gateway.front.shutdown(timeout=0.2)
+    with pytest.raises(aiohttp.ClientError):
+        await pending
+    assert await _usage(redis_client, "acct-shutdown") == 0
+    assert _refunded("/export/pdf") - before == 5
