@@ -66,11 +66,13 @@ _NOTED = frozenset({b"authorization", b"content-length", b"expect", b"host", b"t
 _NOTED_LENGTHS = frozenset(len(n) for n in _NOTED)
 _JSON = "application/json"
 _VERSIONS = frozenset({"1.0", "1.1"})
-# RFC 3986 host [":" port]: an IP literal, or a reg-name (IPv4 included); empty is allowed.
-_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]{0,5})?")
-# Host values already checked: clients send the same few, and the check is a regex.
+# host[":" port] as a forwarded host: an IP literal (a zone too), or a name (IPv4 included)
+# of DNS characters, with no comma a backend would split X-Forwarded-Host at; may be empty.
+_HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+(%25[A-Za-z0-9._~-]+)?\]|[A-Za-z0-9._-]*)(:[0-9]{1,5})?")
+# Short Host values already checked: clients send the same few, and the check is a regex.
 _good_hosts: set[bytes] = set()
 _GOOD_HOSTS_MAX = 1024
+_GOOD_HOST_LENGTH = 260
 
 
 class ClientGone(ConnectionResetError):
@@ -342,7 +344,6 @@ def _encode_headers(headers: CIMultiDict[str] | dict[str, str]) -> bytes:
 class _Connection(asyncio.Protocol):
     __slots__ = (
         "_active",
-        "_body_fed",
         "_closed_at",
         "_drain",
         "_eof",
@@ -358,6 +359,7 @@ class _Connection(asyncio.Protocol):
         "_out",
         "_parser",
         "_pending_error",
+        "_progress",
         "_queue",
         "_read_paused",
         "_server",
@@ -390,8 +392,8 @@ class _Connection(asyncio.Protocol):
         self._field_bytes = 0  # ... of those reads since a header field last ended
         self._fields = 0  # header and trailer fields parsed on this connection
         self._in_body = False  # between a head and its message's end: fields are trailers
-        self._body_fed = 0  # body bytes the parser gave in the read being fed
-        self._framing = 0  # body bytes received since the last piece of body: framing
+        self._progress = 0  # body pieces and message ends the read being fed gave
+        self._framing = 0  # bytes of the reads since the last of those
         self._closed_at: float | None = None
         self._last: Request | None = None  # the request whose head was parsed last
         self.parsing: Request | None = None  # the request whose body is being received
@@ -435,7 +437,7 @@ class _Connection(asyncio.Protocol):
             return
         in_head = self.head_started is not None
         fields = self._fields
-        self._body_fed = 0
+        self._progress = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -467,10 +469,9 @@ class _Connection(asyncio.Protocol):
             elif self._in_body:
                 # A chunked body's framing (chunk sizes, their extensions, trailer fields)
                 # is buffered by httptools until its line ends, reaching neither on_body
-                # nor on_header: a field that never ends is bounded by the bytes that came
-                # since the last piece of body.
-                fed = self._body_fed
-                self._framing = len(data) - fed if fed else self._framing + len(data)
+                # nor on_header: a field that never ends is bounded by the reads that
+                # brought no piece of body (many tiny chunks always bring some).
+                self._framing = 0 if self._progress else self._framing + len(data)
                 if self._framing > self._server.max_head:
                     self._fail(_HeadError(431, "request_head_too_large", _TRAILER_TOO_LARGE))
 
@@ -554,6 +555,7 @@ class _Connection(asyncio.Protocol):
         self._in_body = True
         self._head_size = 0  # from here on: the trailer's
         self._framing = 0
+        self._progress += 1
         parser = self._parser
         raw, self._headers = self._headers, []
         noted, self._noted = self._noted, {}
@@ -579,11 +581,13 @@ class _Connection(asyncio.Protocol):
             raise _HeadError(400, "bad_request", "a request needs exactly one Host header")
         if hosts and hosts[0] not in _good_hosts:
             # Forwarded as X-Forwarded-Host: only a host[:port] as RFC 3986 writes it.
-            if not _HOST.fullmatch(hosts[0]):
+            host = _HOST.fullmatch(hosts[0])
+            if host is None or (host[3] is not None and int(host[3][1:]) > 65535):
                 raise _HeadError(400, "bad_request", "the Host header is not a host[:port]")
-            if len(_good_hosts) >= _GOOD_HOSTS_MAX:
-                _good_hosts.clear()
-            _good_hosts.add(hosts[0])
+            if len(hosts[0]) <= _GOOD_HOST_LENGTH:
+                if len(_good_hosts) >= _GOOD_HOSTS_MAX:
+                    _good_hosts.clear()
+                _good_hosts.add(hosts[0])
         codings = noted.get(b"transfer-encoding")
         if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
             # llhttp has refused one not ending in chunked; one before it (gzip, chunked)
@@ -607,7 +611,7 @@ class _Connection(asyncio.Protocol):
                 self._stop_reading()
 
     def on_body(self, chunk: bytes) -> None:
-        self._body_fed += len(chunk)
+        self._progress += 1
         request = self.parsing
         if request is not None:
             request._feed(chunk)

@@ -289,7 +289,8 @@ class Proxy:
                 return
             if decision is not None:
                 refunded = True
-                await self._refund(claims.sub, route, decision, rm, kind)
+                # Shielded: a shutdown that cancels the request mid-refund must not stop it.
+                await asyncio.shield(self._refund(claims.sub, route, decision, rm, kind))
             elif receipt is not None and self._failopen is not None:
                 # Let through unmetered, then not served: out of what is to be reconciled.
                 refunded = True

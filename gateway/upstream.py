@@ -9,8 +9,8 @@ in one write.
 
 A request on a reused connection that the backend closed meanwhile is retried once on a
 fresh connection, but only when nothing of it can have been processed: no response byte
-came, and the method is idempotent or there was no body. Everything else is an error the
-proxy maps to 502 or 504.
+came, the method is idempotent, and its body (if any) was buffered. Everything else is an
+error the proxy maps to 502 or 504.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.complete = False
         self.error: BaseException | None = None
         self._head_bytes = 0
-        self._body_fed = 0  # body bytes llhttp gave in the read being fed
-        self._framing = 0  # bytes received since the last piece of body
+        self._progress = 0  # body pieces and heads the read being fed gave
+        self._framing = 0  # bytes of the reads since the last of those
         self._te: bytes | None = None
         self._has_length = False
         self._headers_done = False
@@ -188,7 +188,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
-        self._body_fed = 0
+        self._progress = 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -211,9 +211,9 @@ class UpstreamConnection(asyncio.Protocol):
                     self.close()
             elif not self.complete:
                 # Chunk sizes, their extensions and trailer fields are buffered by llhttp
-                # until their line ends: bound the bytes between two pieces of body.
-                fed = self._body_fed
-                self._framing = len(data) - fed if fed else self._framing + len(data)
+                # until their line ends: bound the reads that brought no piece of body
+                # (an answer of many tiny chunks always brings some).
+                self._framing = 0 if self._progress else self._framing + len(data)
                 if self._framing > MAX_HEAD:
                     self._fail(ResponseError("response trailer too large"))
                     self.close()
@@ -272,6 +272,7 @@ class UpstreamConnection(asyncio.Protocol):
             # for the client, and a coding dropped on the way would corrupt its body.
             raise ResponseError("a Transfer-Encoding other than chunked")
         self.status = status
+        self._progress += 1  # the read that ends the head is not framing
         # HTTP/1.0 answers end their connection (RFC 9112 6.1: one with Transfer-Encoding
         # MUST; the keep-alive extension is not worth the doubt).
         self.keep_alive = (
@@ -287,7 +288,7 @@ class UpstreamConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def on_body(self, body: bytes) -> None:
-        self._body_fed += len(body)
+        self._progress += 1
         if self.head_only:
             return
         self._body.append(body)

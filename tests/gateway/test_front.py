@@ -1139,6 +1139,20 @@ async def test_a_header_field_that_never_ends_is_431_near_its_own_limit(serve: S
     assert recorder.seen == []
 
 
+async def test_an_upload_of_many_tiny_chunks_is_not_taken_for_framing(serve: Serve) -> None:
+    async def handler(request: Request) -> None:
+        body = await request.read()
+        request.respond(200, TEXT, str(len(body)).encode())
+
+    # The head limit is about 132 KB here; the upload carries 600 KB of chunk framing,
+    # and arrives in reads of up to 256 KiB with a little body in each.
+    front = await serve(handler, Limits(max_header_bytes=4096))
+    chunks = b"1\r\na\r\n" * 100_000 + b"0\r\n\r\n"
+    head = _request("POST", "/tiny", headers=["Transfer-Encoding: chunked"])
+    answer, _ = await _exchange(front.port, head + chunks)
+    assert (answer.status, answer.body) == (200, b"100000")
+
+
 async def test_a_trailer_field_that_never_ends_breaks_the_body_off(serve: Serve) -> None:
     broke: list[str] = []
 
@@ -1196,12 +1210,15 @@ async def test_a_request_has_exactly_one_host(head: bytes, status: int, serve: S
         (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, "http_version_not_supported"),
         (b"GET / HTTP/1.1\r\nHost: a b@c\r\n\r\n", 400, "bad_request"),
         (b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.1\r\nHost: a,b\r\n\r\n", 400, "bad_request"),
+        (b"GET / HTTP/1.1\r\nHost: a:99999\r\n\r\n", 400, "bad_request"),
         (
             b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
             501,
             "unsupported_transfer_coding",
         ),
         (b"GET / HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n", 200, ""),
+        (b"GET / HTTP/1.1\r\nHost: [fe80::1%25eth0]\r\n\r\n", 200, ""),
         (b"GET / HTTP/1.1\r\nHost: api.example.com:443\r\n\r\n", 200, ""),
         (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", 200, ""),
     ],
@@ -1210,8 +1227,11 @@ async def test_a_request_has_exactly_one_host(head: bytes, status: int, serve: S
         "http-2.0",
         "host-space",
         "host-slash",
+        "host-comma",
+        "port-too-big",
         "gzip-chunked",
         "ipv6",
+        "ipv6-zone",
         "port",
         "empty",
     ],

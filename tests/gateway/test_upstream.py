@@ -340,6 +340,16 @@ async def test_a_head_over_the_size_limit_is_refused(backend) -> None:
     await pool.close()
 
 
+async def test_an_answer_of_many_tiny_chunks_arrives_whole(backend) -> None:
+    # A token-by-token stream: 600 KB of framing for 100 KB of body, read in large reads.
+    chunks = b"1\r\na\r\n" * 100_000 + b"0\r\n\r\n"
+    answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks
+    state = await backend(_answer_then_wait(answer))
+    pool = state.pool()
+    assert await _get(pool) == b"a" * 100_000
+    await pool.close()
+
+
 async def test_a_trailer_field_that_never_ends_cuts_the_body(backend) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
