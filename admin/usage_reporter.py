@@ -6,7 +6,8 @@ Every ``interval`` seconds, for each account in ``mg:accounts:paid`` (and in
 a Stripe customer:
 
 1. claim (Lua): the units beyond those already reported this period are written down as
-   ``report_pending = "<period_start>:<reported>:<overage>"`` before anything is sent;
+   ``report_pending = "<period_start>:<reported>:<overage>"`` before anything is sent, with
+   the event's timestamp (``report_pending_at``, inside the period);
 2. send: one meter event of ``overage - reported`` units with the deterministic identifier
    ``<account>:<period_start>:<reported>:<overage>``;
 3. commit (Lua): ``reported = overage`` if the period is unchanged; the claim is cleared.
@@ -30,7 +31,12 @@ import msgspec
 import redis.asyncio as redis
 from prometheus_client import Counter
 
-from admin.billing_backend import BillingBackend, BillingUnavailable, InvalidBillingRequest
+from admin.billing_backend import (
+    BillingBackend,
+    BillingError,
+    BillingUnavailable,
+    InvalidBillingRequest,
+)
 from admin.keys import LAPSED_ACCOUNTS, PAID_ACCOUNTS, customer_key, usage_key
 
 log = logging.getLogger("metergate.usage")
@@ -63,6 +69,7 @@ class UsageReport(msgspec.Struct, frozen=True, kw_only=True):
     period_end: int | None
     reported: int
     overage: int
+    timestamp: int  # the meter event's, fixed when claimed: a resend is the same event
 
     @property
     def claim(self) -> str:
@@ -101,7 +108,7 @@ class UsageReporter:
         customer_id = _text(await self._redis.get(customer_key(account)))
         if not customer_id:
             return None
-        reply = await self._claim(keys=[usage_key(account)])
+        reply = await self._claim(keys=[usage_key(account)], args=[int(self._clock())])
         if not reply or int(reply[0]) == 0:
             return None
         claim = _text(reply[1]) or "0:0:0"
@@ -114,14 +121,12 @@ class UsageReporter:
             period_end=int(period_end) if period_end else None,
             reported=reported,
             overage=overage,
+            timestamp=int(reply[3]),
         )
 
     async def send(self, report: UsageReport) -> None:
-        # Stamped inside the period the units belong to, so they land on its invoice.
-        now = int(self._clock())
-        timestamp = min(now, report.period_end - 1) if report.period_end else now
         await self._backend.report_usage(
-            report.customer_id, report.units, report.identifier, timestamp
+            report.customer_id, report.units, report.identifier, report.timestamp
         )
 
     async def commit(self, report: UsageReport) -> int:
@@ -169,6 +174,9 @@ class UsageReporter:
                 except BillingUnavailable as exc:
                     log.warning("usage report paused, Stripe unavailable: %s", exc)
                     return sent
+                except BillingError as exc:
+                    # This account's claim stays for the next pass; the others go on.
+                    log.error("usage report of %s failed: %s", account, exc)
         return sent
 
     async def run_forever(self) -> None:

@@ -6,7 +6,7 @@
 --        0 not our claim (another reporter committed it first)
 
 if redis.call('HGET', KEYS[1], 'report_pending') ~= ARGV[1] then return 0 end
-redis.call('HDEL', KEYS[1], 'report_pending')
+redis.call('HDEL', KEYS[1], 'report_pending', 'report_pending_at')
 if redis.call('HGET', KEYS[1], 'carry_period_start') == ARGV[2] then
   -- The claim's period has ended (carried aside): record it there; drop the carry once
   -- everything it holds is reported.

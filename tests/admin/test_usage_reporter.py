@@ -129,6 +129,8 @@ async def test_a_crash_after_sending_resends_the_same_event_and_bills_once(
     assert stripe_double.metered_total(customer) == 40
 
     await charge(store, "acct-1", 9)  # traffic goes on meanwhile
+    sent_at = int(clock.now)
+    clock.advance(60)  # the next interval: the resend must still be the very same event
     restarted = UsageReporter(redis_client, stripe_billing, clock=clock)
     reports = await restarted.run_once()
     # First the same claim again (same identifier: Stripe drops it), then the 9 new units.
@@ -137,14 +139,39 @@ async def test_a_crash_after_sending_resends_the_same_event_and_bills_once(
         (f"acct-1:{start}:40:49", 9),
     ]
     sent = [p for _, path, p in stripe_double.requests if path == "/v1/billing/meter_events"]
-    assert [p["identifier"] for p in sent] == [
-        f"acct-1:{start}:0:40",
-        f"acct-1:{start}:0:40",
-        f"acct-1:{start}:40:49",
+    assert [(p["identifier"], int(p["timestamp"])) for p in sent] == [
+        (f"acct-1:{start}:0:40", sent_at),
+        (f"acct-1:{start}:0:40", sent_at),  # same parameters, so Stripe's key accepts it
+        (f"acct-1:{start}:40:49", sent_at + 60),
     ]
     assert len(stripe_double.meter_events) == 2
     assert stripe_double.metered_total(customer) == 49
     assert await restarted.run_once() == []
+
+
+async def test_an_account_stripe_refuses_does_not_hold_up_the_others(
+    paid: PaidAccount,
+    stripe_billing: StripeBilling,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    clock: Clock,
+    store: RedisQuotaStore,
+) -> None:
+    await paid("acct-1")
+    second, _ = await paid("acct-2")
+    for account in ("acct-1", "acct-2"):
+        await charge(store, account, 10_040)
+    dying = UsageReporter(redis_client, stripe_billing, clock=clock)
+    claim = await dying.claim("acct-1")
+    assert claim is not None
+    await dying.send(claim)
+    # A claim whose resend differs from what Stripe holds under its key (as one written
+    # before timestamps were kept would): Stripe answers 400 idempotency_error.
+    await redis_client.hset(usage_key("acct-1"), "report_pending_at", claim.timestamp - 30)
+    reports = await UsageReporter(redis_client, stripe_billing, clock=clock).run_once()
+    assert [r.account for r in reports] == ["acct-2"]  # reported all the same
+    assert stripe_double.metered_total(second) == 40
+    assert await redis_client.hget(usage_key("acct-1"), "report_pending") is not None  # kept
 
 
 async def test_a_new_period_starts_counting_from_zero(
