@@ -48,7 +48,7 @@ class PlanChange(msgspec.Struct, frozen=True, kw_only=True):
 
 class ApplyResult(msgspec.Struct, frozen=True, kw_only=True):
     applied: bool
-    reason: str  # applied, stale, other_subscription
+    reason: str  # applied, stale, other_subscription, ended
     tier: str
     status: str
     previous_tier: str

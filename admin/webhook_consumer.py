@@ -290,8 +290,13 @@ class WebhookConsumer:
             return change
         try:
             state = await self._billing.get_subscription(sub_id)
+        except BillingUnavailable:
+            # Not applied as sent: events of one second are ordered by their (random) ids,
+            # so a stale one could win. Stripe being down is transient: the entry stays
+            # pending and is delivered again.
+            raise
         except BillingError as exc:
-            # Stripe unreachable: the event's own content, kept in order by its time.
+            # Stripe refused the read: the event's own content, kept in order by its time.
             log.info("re-fetch of %s failed (%s): applying the event as sent", sub_id, exc)
             return change
         if state is None:

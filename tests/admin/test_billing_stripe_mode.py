@@ -230,6 +230,24 @@ async def test_cancel_at_once(
     assert st["has_subscription"] is False
 
 
+async def test_an_event_met_by_a_stripe_outage_waits_for_stripe(
+    admin: TestServer, stripe_double: StripeDouble, redis_client: redis.Redis
+) -> None:
+    body = await subscribe_and_apply(admin, stripe_double)
+    before = await plan(redis_client)
+    stripe_double.advance_period(body["subscription"]["id"])  # renewed at Stripe
+    stripe_double.down = "500"  # the consumer cannot read the subscription as it is now
+    assert all(s == 200 for s in await stripe_double.deliver())
+    await consumer(admin).drain()
+    # Not applied as sent (same-second events are ordered by random ids): they wait.
+    assert (await plan(redis_client))["period_end"] == before["period_end"]
+    stripe_double.down = None
+    await consumer(admin).drain()
+    after = await plan(redis_client)
+    assert int(after["period_end"]) > int(before["period_end"])
+    assert after["status"] == "active"
+
+
 async def test_stripe_down_fails_fast_and_the_gateway_keeps_the_plan(
     admin: TestServer,
     stripe_double: StripeDouble,

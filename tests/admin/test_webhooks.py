@@ -203,6 +203,34 @@ async def test_an_older_event_never_overwrites_a_newer_one(
     assert outcomes == 3
 
 
+async def test_a_subscription_that_ended_never_comes_back(
+    start_admin: StartAdmin, redis_client: redis.Redis, clock: Clock
+) -> None:
+    server = await start_admin()
+    deleted = event(
+        "customer.subscription.deleted",
+        subscription_object(status="canceled", account="acct-1"),
+        created=T0 + 100,
+        event_id="evt_1aaa",
+    )
+    # The same second, a higher (random) id: by time and id it would be the newer one.
+    updated = event(
+        "customer.subscription.updated",
+        subscription_object(cancel_at_period_end=True, account="acct-1"),
+        created=T0 + 100,
+        event_id="evt_1zzz",
+    )
+    final_invoice_paid = event(
+        "invoice.paid", invoice_object(billing_reason="subscription_cycle"), created=T0 + 3700
+    )
+    for evt in (sub_created(), deleted, updated, final_invoice_paid):
+        assert (await deliver(server, evt, clock))[0] == 200
+    await consumer(server).drain()
+    stored = await plan(redis_client)
+    assert stored["status"] == "canceled"  # the gateway applies free rules
+    assert stored["event_id"] == "evt_1aaa"  # nothing after the deletion applied
+
+
 async def test_payment_failed_then_paid(
     start_admin: StartAdmin, redis_client: redis.Redis, clock: Clock
 ) -> None:
