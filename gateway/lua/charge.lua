@@ -44,7 +44,8 @@ end
 
 -- One charge: its keys, cost, route and allowed tiers.
 local function charge(plan_key, usage_key, daily_key, gcra_key, cost, route, allowed)
-  local plan = redis.call('HMGET', plan_key, 'tier', 'status', 'period_start', 'period_end', 'past_due_since')
+  local plan = redis.call('HMGET', plan_key, 'tier', 'status', 'period_start', 'period_end',
+                          'past_due_since', 'cancel_at_period_end')
   local tier = 'free'
   local pstart, pend = month_start, month_end
 
@@ -56,6 +57,11 @@ local function charge(plan_key, usage_key, daily_key, gcra_key, cost, route, all
       in_good_standing = now - since <= grace
     end
     local s, e = tonumber(plan[3]), tonumber(plan[4])
+    if plan[6] == '1' and e and now >= e then
+      -- Set to cancel at this period's end, which has passed: it does not renew, whether or
+      -- not the deletion's webhook has come. Free rules from here.
+      in_good_standing = false
+    end
     if in_good_standing and s and e and e > s then
       if now >= e then
         -- The renewal event has not arrived (yet): a paying customer is not blocked, the

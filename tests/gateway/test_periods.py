@@ -126,6 +126,35 @@ async def test_paid_period_rolls_forward_without_a_renewal_event(
     }
 
 
+async def test_a_plan_set_to_cancel_does_not_roll_forward_past_its_end(
+    start_upstream, start_gateway, redis_client: redis.Redis, clock: Clock
+) -> None:
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    start = int(clock.now) - 20 * DAY
+    plan = {
+        "tier": "pro",
+        "status": "active",
+        "period_start": start,
+        "period_end": start + 30 * DAY,
+        "cancel_at_period_end": 1,
+    }
+    await redis_client.hset(keys.plan_key("acct-leaving"), mapping=plan)
+    status, ratelimit = await _get(gateway, "/export/csv", "acct-leaving")
+    assert (status, ratelimit.split(";")[0]) == (200, '"monthly"')  # pro until the end ...
+    assert (await redis_client.hget(keys.usage_key("acct-leaving"), "period_start")) == str(
+        start
+    ).encode()
+    # ... and after it free rules, though the deletion's webhook never came.
+    clock.now = start + 200 * DAY
+    status, _ = await _get(gateway, "/export/csv", "acct-leaving")
+    assert status == 200
+    stored = await redis_client.hgetall(keys.plan_key("acct-leaving"))
+    assert int(stored[b"period_end"]) == start + 30 * DAY  # not rolled forward
+    usage = await redis_client.hgetall(keys.usage_key("acct-leaving"))
+    assert int(usage[b"period_start"]) == calendar_month(clock.now)[0]  # the free tier's
+
+
 async def test_period_end_itself_belongs_to_the_next_period(
     start_upstream, start_gateway, redis_client: redis.Redis, clock: Clock
 ) -> None:
