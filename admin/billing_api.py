@@ -195,6 +195,7 @@ async def subscribe(request: web.Request) -> web.Response:
                     )
                 return web.json_response(_subscription_json(existing))
         incomplete = await _incomplete(request, account)
+        abandoned = ""
         if incomplete is not None:
             pending, tier, payment_method = incomplete
             if (tier, payment_method) == (body.tier, body.payment_method_id):
@@ -203,6 +204,7 @@ async def subscribe(request: web.Request) -> web.Response:
             # Another tier or card: one subscription per account, so the waiting one goes.
             abandon = _idempotency_key(request, "abandon", account, pending.id)
             await billing.cancel(pending.id, False, abandon)
+            abandoned = pending.id
             await request.app[AUDIT].record(
                 who=f"account:{account}",
                 what="billing.subscribe_abandoned",
@@ -211,7 +213,9 @@ async def subscribe(request: web.Request) -> web.Response:
                 details={"subscription_id": pending.id, "tier": pending.tier},
             )
         # The plan's last change is part of the key: subscribe, cancel, subscribe again makes
-        # two subscriptions, while a retry of one subscribe replays Stripe's first answer.
+        # two subscriptions, while a retry of one subscribe replays Stripe's first answer. So
+        # is a subscription abandoned for this one: an incomplete one never changes the plan,
+        # and pro, enterprise, pro again (each abandoning the last) would replay the first.
         key = _idempotency_key(
             request,
             "subscribe",
@@ -221,12 +225,14 @@ async def subscribe(request: web.Request) -> web.Response:
             sub_id,
             plan.get("status"),
             plan.get("event_created"),
+            abandoned,
         )
         customer = await billing.ensure_customer(account)
         await request.app[REDIS].hset(keys.CUSTOMERS, customer, account)
         state = await billing.subscribe(account, customer, body.tier, body.payment_method_id, key)
-        if state.id == sub_id:
-            state = await _not_ended(request, state)
+        # Stripe may have replayed an earlier answer (a retry, the client's own key): it
+        # describes the subscription as it was, and it may have ended since.
+        state = await _not_ended(request, state)
         await request.app[REDIS].set(keys.subscription_key(account), state.id)
         await request.app[REDIS].hset(
             keys.subscribe_request_key(account),

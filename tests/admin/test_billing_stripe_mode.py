@@ -331,6 +331,24 @@ async def test_a_retried_three_d_secure_subscribe_keeps_one_subscription(
     assert (stored["subscription_id"], stored["status"]) == (other["subscription"]["id"], "active")
 
 
+async def test_changing_one_s_mind_during_3ds_and_back_makes_a_live_subscription(
+    admin: TestServer, stripe_double: StripeDouble
+) -> None:
+    async def subscribe_to(tier: str) -> dict[str, Any]:
+        payload = {"tier": tier, "payment_method_id": NEEDS_3DS}
+        status, body = await call(admin, "POST", "/billing/subscribe", json=payload)
+        assert status == 201, body
+        return dict(body["subscription"])
+
+    first = await subscribe_to("pro")
+    await subscribe_to("enterprise")  # the first is abandoned (canceled)
+    again = await subscribe_to("pro")  # the second is: not a replay of the first
+    assert again["id"] != first["id"]
+    assert stripe_double.subscriptions[again["id"]]["status"] == "incomplete"
+    live = [s for s in stripe_double.subscriptions.values() if s["status"] == "incomplete"]
+    assert [s["id"] for s in live] == [again["id"]]
+
+
 async def test_after_the_customer_is_deleted_the_account_can_subscribe_again(
     admin: TestServer,
     stripe_double: StripeDouble,
