@@ -22,6 +22,7 @@ from admin.appkeys import AUDIT, BILLING, CLAIMS, CLOCK, PLANS, REDIS, SETTINGS
 from admin.billing_backend import SubscriptionState
 from admin.plans import ENDED, PAYING, change_from_state
 from admin.status import billing_status, iso
+from admin.usage_reporter import UsageReporter
 from gateway.periods import utc_day
 
 _T = TypeVar("_T")
@@ -279,7 +280,14 @@ async def cancel(request: web.Request) -> web.Response:
         key = _idempotency_key(
             request, "cancel", account, sub_id, body.at_period_end, plan.get("event_created")
         )
-        state = await request.app[BILLING].cancel(sub_id, body.at_period_end, key)
+        billing = request.app[BILLING]
+        if not body.at_period_end and billing.mode == "stripe":
+            # The final invoice (invoice_now) bills the metered usage of the period up to
+            # now: the overage not yet reported goes to the meter first, stamped before the
+            # cancellation. Stripe down: 503, and nothing is canceled.
+            reporter = UsageReporter(request.app[REDIS], billing, clock=request.app[CLOCK])
+            await reporter.report_account(account)
+        state = await billing.cancel(sub_id, body.at_period_end, key)
         await _apply(request, account, state, "canceled")
     return web.json_response(_subscription_json(state))
 

@@ -290,7 +290,9 @@ class StripeBilling:
             sub = await self._call(
                 lambda: subs.cancel_async(
                     subscription_id,
-                    {"prorate": True, "expand": expand},
+                    # invoice_now: a final invoice for the un-invoiced metered usage (the
+                    # overage) and the prorated flat price; without it they go unbilled.
+                    {"prorate": True, "invoice_now": True, "expand": expand},
                     {"idempotency_key": f"{idempotency_key}:cancel"},
                 )
             )

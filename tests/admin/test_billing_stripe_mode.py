@@ -16,6 +16,8 @@ from admin import keys
 from admin.appkeys import BILLING
 from admin.audit import AuditLog
 from admin.stripe_settings import StripeSettings
+from config import Config
+from gateway.redis_quota import RedisQuotaStore
 from tests.admin import support
 from tests.admin.stripe_double import StripeDouble
 from tests.admin.support import StartAdmin, consumer
@@ -246,6 +248,27 @@ async def test_an_event_met_by_a_stripe_outage_waits_for_stripe(
     after = await plan(redis_client)
     assert int(after["period_end"]) > int(before["period_end"])
     assert after["status"] == "active"
+
+
+async def test_cancel_at_once_reports_the_overage_first_and_invoices_it(
+    admin: TestServer,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    await subscribe_and_apply(admin, stripe_double)
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    included = gateway_config.tiers["pro"].included_units
+    assert (await store.charge("acct-1", "/signals", included + 40)).overage == 40
+    assert (await cancel(admin, at_period_end=False))[0] == 200
+    calls = [(method, path) for method, path, _ in stripe_double.requests]
+    reported = calls.index(("POST", "/v1/billing/meter_events"))
+    (canceled,) = [i for i, (m, p) in enumerate(calls) if m == "DELETE"]
+    assert reported < canceled  # on the meter before the final invoice is made
+    assert stripe_double.requests[canceled][2]["invoice_now"] in (True, "true")
+    customer = (await plan(redis_client))["customer_id"]
+    assert stripe_double.metered_total(customer) == 40
 
 
 async def test_stripe_down_fails_fast_and_the_gateway_keeps_the_plan(
