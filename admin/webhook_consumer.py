@@ -99,7 +99,11 @@ class WebhookConsumer:
         """Apply events until cancelled; Redis failures pause the loop, never end it."""
         started = False
         last_claim = 0.0
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # A stop redis-py swallowed (see UsageReporter.run_forever): end as asked.
+                raise asyncio.CancelledError
             try:
                 if not started:
                     await self.ensure_group()
@@ -114,7 +118,6 @@ class WebhookConsumer:
             except asyncio.CancelledError:
                 raise
             except RedisError as exc:
-                task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError from exc  # a stop that redis-py turned
                 log.warning("webhook consumer: redis error: %s", exc)
