@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,14 +20,18 @@ from aiohttp import web
 
 from admin import keys
 from admin.appkeys import AUDIT, BILLING, CLAIMS, CLOCK, PLANS, REDIS, SETTINGS
-from admin.billing_backend import SubscriptionState
+from admin.billing_backend import BillingError, BillingUnavailable, SubscriptionState
 from admin.plans import ENDED, PAYING, change_from_state
 from admin.status import billing_status, iso
 from admin.usage_reporter import UsageReporter
 from gateway.periods import utc_day
 
 _T = TypeVar("_T")
-LOCK_SECONDS = 30
+log = logging.getLogger(__name__)
+LOCK_SECONDS = 30  # how long a second billing change waits for the first
+# How long the lock lives: longer than the Stripe calls one change makes (three, each up to
+# StripeBilling's deadline of about 31.5 s), or a slow change would lose it half way.
+LOCK_TTL_SECONDS = 300
 MAX_USAGE_DAYS = 90
 
 
@@ -87,7 +92,7 @@ async def _account_lock(request: web.Request, account: str) -> AsyncIterator[Non
     key = keys.billing_lock_key(account)
     token = uuid.uuid4().hex
     deadline = time.monotonic() + LOCK_SECONDS
-    while not await client.set(key, token, nx=True, ex=LOCK_SECONDS):
+    while not await client.set(key, token, nx=True, ex=LOCK_TTL_SECONDS):
         if time.monotonic() > deadline:
             raise RequestError(409, "billing_busy", "another billing change is in progress")
         await asyncio.sleep(0.05)
@@ -196,16 +201,34 @@ async def subscribe(request: web.Request) -> web.Response:
                     )
                 return web.json_response(_subscription_json(existing))
         incomplete = await _incomplete(request, account)
+        requested = keys.subscribe_request_key(account)
+        # The subscription this attempt abandoned (see the key below). Written down before
+        # Stripe is asked, so a retry of this very attempt, which finds it canceled and
+        # abandons nothing, still derives the same key.
+        noted = _decode(await request.app[REDIS].hgetall(requested))
         abandoned = ""
+        if (noted.get("abandoned_tier"), noted.get("abandoned_payment_method_id")) == (
+            body.tier,
+            body.payment_method_id,
+        ):
+            abandoned = noted.get("abandoned", "")
         if incomplete is not None:
             pending, tier, payment_method = incomplete
             if (tier, payment_method) == (body.tier, body.payment_method_id):
                 # A retry while 3-D Secure waits: the same subscription and secret again.
                 return web.json_response(_subscription_json(pending))
             # Another tier or card: one subscription per account, so the waiting one goes.
+            abandoned = pending.id
+            await request.app[REDIS].hset(
+                requested,
+                mapping={
+                    "abandoned": abandoned,
+                    "abandoned_tier": body.tier,
+                    "abandoned_payment_method_id": body.payment_method_id,
+                },
+            )
             abandon = _idempotency_key(request, "abandon", account, pending.id)
             await billing.cancel(pending.id, False, abandon)
-            abandoned = pending.id
             await request.app[AUDIT].record(
                 who=f"account:{account}",
                 what="billing.subscribe_abandoned",
@@ -236,7 +259,7 @@ async def subscribe(request: web.Request) -> web.Response:
         state = await _not_ended(request, state)
         await request.app[REDIS].set(keys.subscription_key(account), state.id)
         await request.app[REDIS].hset(
-            keys.subscribe_request_key(account),
+            requested,
             mapping={
                 "subscription_id": state.id,
                 "tier": body.tier,
@@ -286,7 +309,12 @@ async def cancel(request: web.Request) -> web.Response:
             # now: the overage not yet reported goes to the meter first, stamped before the
             # cancellation. Stripe down: 503, and nothing is canceled.
             reporter = UsageReporter(request.app[REDIS], billing, clock=request.app[CLOCK])
-            await reporter.report_account(account)
+            try:
+                await reporter.report_account(account)
+            except BillingUnavailable:
+                raise
+            except BillingError as exc:  # the claim stays for the background reporter
+                log.error("overage of %s not reported before its cancel: %s", account, exc)
         state = await billing.cancel(sub_id, body.at_period_end, key)
         await _apply(request, account, state, "canceled")
     return web.json_response(_subscription_json(state))

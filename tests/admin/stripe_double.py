@@ -137,6 +137,9 @@ class StripeDouble:
         self.api_version = API_VERSION
         # Switches
         self.down: str | None = None
+        # (method, path prefix, times): do the request, then lose its answer (the connection
+        # breaks), as a timeout after Stripe acted would; every retry too, ``times`` in all.
+        self.lose_answers: tuple[str, str, int] | None = None
         self.latency = 0.0
         self._fail_next = 0
         self._fail_mode = "500"
@@ -232,7 +235,14 @@ class StripeDouble:
             )
         if version := request.headers.get("Stripe-Version"):
             self.stripe_versions.add(version)
-        return await handler(request)
+        response = await handler(request)
+        lose = self.lose_answers
+        if lose and request.method == lose[0] and request.path.startswith(lose[1]) and lose[2]:
+            self.lose_answers = (lose[0], lose[1], lose[2] - 1)
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError
+        return response
 
     async def _dispatch(self, request: web.Request, handler: Handler) -> web.Response:
         if request.method == "POST":

@@ -16,6 +16,7 @@ from admin import keys
 from admin.appkeys import BILLING
 from admin.audit import AuditLog
 from admin.stripe_settings import StripeSettings
+from admin.usage_reporter import UsageReporter
 from config import Config
 from gateway.redis_quota import RedisQuotaStore
 from tests.admin import support
@@ -271,6 +272,27 @@ async def test_cancel_at_once_reports_the_overage_first_and_invoices_it(
     assert stripe_double.metered_total(customer) == 40
 
 
+async def test_cancel_at_once_goes_on_when_stripe_refuses_the_pending_report(
+    admin: TestServer,
+    stripe_double: StripeDouble,
+    redis_client: redis.Redis,
+    gateway_config: Config,
+    clock: Clock,
+) -> None:
+    await subscribe_and_apply(admin, stripe_double)
+    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
+    included = gateway_config.tiers["pro"].included_units
+    await store.charge("acct-1", "/signals", included + 40)
+    reporter = UsageReporter(redis_client, admin.app[BILLING], clock=clock)
+    claim = await reporter.claim("acct-1")
+    assert claim is not None
+    await reporter.send(claim)  # then its resend differs: Stripe refuses it (409)
+    await redis_client.hset(keys.usage_key("acct-1"), "report_pending_at", claim.timestamp - 30)
+    status, body = await cancel(admin, at_period_end=False)
+    assert status == 200, body  # the customer can still leave
+    assert body["subscription"]["status"] == "canceled"
+
+
 async def test_stripe_down_fails_fast_and_the_gateway_keeps_the_plan(
     admin: TestServer,
     stripe_double: StripeDouble,
@@ -370,6 +392,22 @@ async def test_changing_one_s_mind_during_3ds_and_back_makes_a_live_subscription
     assert stripe_double.subscriptions[again["id"]]["status"] == "incomplete"
     live = [s for s in stripe_double.subscriptions.values() if s["status"] == "incomplete"]
     assert [s["id"] for s in live] == [again["id"]]
+
+
+async def test_a_retry_of_a_subscribe_that_abandoned_one_makes_no_second_subscription(
+    admin: TestServer, stripe_double: StripeDouble
+) -> None:
+    assert (await subscribe(admin, NEEDS_3DS))[0] == 201  # waits for 3-D Secure
+    # Another tier: the waiting one is abandoned, the new one made at Stripe, and its
+    # answer lost (every retry's too): the client gets 503 and tries again.
+    stripe_double.lose_answers = ("POST", "/v1/subscriptions", 3)
+    payload = {"tier": "enterprise", "payment_method_id": VISA}
+    status, body = await call(admin, "POST", "/billing/subscribe", json=payload)
+    assert (status, body["error"]["code"]) == (503, "billing_unavailable"), body
+    status, body = await call(admin, "POST", "/billing/subscribe", json=payload)
+    assert status == 201, body
+    live = [s for s in stripe_double.subscriptions.values() if s["status"] == "active"]
+    assert [s["id"] for s in live] == [body["subscription"]["id"]]  # billed once
 
 
 async def test_after_the_customer_is_deleted_the_account_can_subscribe_again(
