@@ -29,13 +29,16 @@ end
 local pending = redis.call('HMGET', KEYS[1], 'report_pending', 'report_pending_at')
 local h = redis.call('HMGET', KEYS[1], 'period_start', 'overage', 'reported',
                      'reported_period', 'period_end')
-if pending[1] then
-  if pending[2] then return {1, pending[1], h[5] or '', tonumber(pending[2])} end
-  return claimed(pending[1], h[5])  -- a claim written before timestamps were kept
-end
--- Overage of a period that ended before it was reported (charge.lua carried it aside).
 local c = redis.call('HMGET', KEYS[1], 'carry_period_start', 'carry_overage',
                      'carry_reported', 'carry_period_end')
+if pending[1] then
+  -- The end of the claim's own period: the carried one's, if its period has ended since.
+  local ending = h[5]
+  if c[1] and string.sub(pending[1], 1, #c[1] + 1) == c[1] .. ':' then ending = c[4] end
+  if pending[2] then return {1, pending[1], ending or '', tonumber(pending[2])} end
+  return claimed(pending[1], ending)  -- a claim written before timestamps were kept
+end
+-- Overage of a period that ended before it was reported (charge.lua carried it aside).
 if c[1] and (tonumber(c[2]) or 0) > (tonumber(c[3]) or 0) then
   return claimed(c[1] .. ':' .. c[3] .. ':' .. c[2], c[4])
 end

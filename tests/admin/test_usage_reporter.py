@@ -357,3 +357,33 @@ async def test_overage_of_a_lapsed_account_is_reported_before_it_leaves_the_set(
     assert report.units == 12 and stripe_double.metered_total(customer) == 12
     assert not await redis_client.sismember(LAPSED_ACCOUNTS, "acct-1")
     assert await reporter.run_once() == []
+
+
+async def test_a_claim_left_without_a_timestamp_is_stamped_in_its_own_period(
+    paid: PaidAccount,
+    stripe_billing: StripeBilling,
+    redis_client: redis.Redis,
+    clock: Clock,
+) -> None:
+    # As the code before timestamps were kept left it, after its period rolled over.
+    await paid("acct-1")
+    now = int(clock.now)
+    ended = now - 500
+    await redis_client.hset(
+        usage_key("acct-1"),
+        mapping={
+            "period_start": ended,
+            "period_end": ended + 30 * 86400,
+            "carry_period_start": ended - 30 * 86400,
+            "carry_period_end": ended,
+            "carry_overage": 40,
+            "carry_reported": 0,
+            "report_pending": f"{ended - 30 * 86400}:0:40",
+        },
+    )
+    report = await UsageReporter(redis_client, stripe_billing, clock=clock).claim("acct-1")
+    assert report is not None
+    assert (report.claim, report.timestamp) == (f"{ended - 30 * 86400}:0:40", ended - 1)
+    assert (
+        await redis_client.hget(usage_key("acct-1"), "report_pending_at") == str(ended - 1).encode()
+    )
