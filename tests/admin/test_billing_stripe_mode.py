@@ -251,17 +251,25 @@ async def test_an_event_met_by_a_stripe_outage_waits_for_stripe(
     assert after["status"] == "active"
 
 
-async def test_cancel_at_once_reports_the_overage_first_and_invoices_it(
+@pytest.fixture
+async def pro_with_overage(
     admin: TestServer,
     stripe_double: StripeDouble,
     redis_client: redis.Redis,
     gateway_config: Config,
     clock: Clock,
 ) -> None:
+    """acct-1 on pro, 40 units past what pro includes, none reported yet."""
     await subscribe_and_apply(admin, stripe_double)
     store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
     included = gateway_config.tiers["pro"].included_units
     assert (await store.charge("acct-1", "/signals", included + 40)).overage == 40
+
+
+@pytest.mark.usefixtures("pro_with_overage")
+async def test_cancel_at_once_reports_the_overage_first_and_invoices_it(
+    admin: TestServer, stripe_double: StripeDouble, redis_client: redis.Redis
+) -> None:
     assert (await cancel(admin, at_period_end=False))[0] == 200
     calls = [(method, path) for method, path, _ in stripe_double.requests]
     reported = calls.index(("POST", "/v1/billing/meter_events"))
@@ -272,17 +280,10 @@ async def test_cancel_at_once_reports_the_overage_first_and_invoices_it(
     assert stripe_double.metered_total(customer) == 40
 
 
+@pytest.mark.usefixtures("pro_with_overage")
 async def test_cancel_at_once_goes_on_when_stripe_refuses_the_pending_report(
-    admin: TestServer,
-    stripe_double: StripeDouble,
-    redis_client: redis.Redis,
-    gateway_config: Config,
-    clock: Clock,
+    admin: TestServer, redis_client: redis.Redis, clock: Clock
 ) -> None:
-    await subscribe_and_apply(admin, stripe_double)
-    store = RedisQuotaStore(redis_client, gateway_config, clock=clock)
-    included = gateway_config.tiers["pro"].included_units
-    await store.charge("acct-1", "/signals", included + 40)
     reporter = UsageReporter(redis_client, admin.app[BILLING], clock=clock)
     claim = await reporter.claim("acct-1")
     assert claim is not None
