@@ -166,11 +166,10 @@ async def _not_ended(request: web.Request, state: SubscriptionState) -> Subscrip
 
 
 async def _incomplete(
-    request: web.Request, account: str
+    request: web.Request, raw: dict[str, str]
 ) -> tuple[SubscriptionState, str, str] | None:
-    """The account's last subscription if it still waits for its first payment, with the
-    tier and payment method it was asked for."""
-    raw = _decode(await request.app[REDIS].hgetall(keys.subscribe_request_key(account)))
+    """The account's last subscription (``raw``: its subscribe request as noted) if it still
+    waits for its first payment, with the tier and payment method it was asked for."""
     sub_id = raw.get("subscription_id")
     if not sub_id:
         return None
@@ -200,12 +199,12 @@ async def subscribe(request: web.Request) -> web.Response:
                         409, "already_subscribed", "use POST /billing/upgrade to change the tier"
                     )
                 return web.json_response(_subscription_json(existing))
-        incomplete = await _incomplete(request, account)
         requested = keys.subscribe_request_key(account)
+        noted = _decode(await request.app[REDIS].hgetall(requested))
+        incomplete = await _incomplete(request, noted)
         # The subscription this attempt abandoned (see the key below). Written down before
         # Stripe is asked, so a retry of this very attempt, which finds it canceled and
         # abandons nothing, still derives the same key.
-        noted = _decode(await request.app[REDIS].hgetall(requested))
         abandoned = ""
         if (noted.get("abandoned_tier"), noted.get("abandoned_payment_method_id")) == (
             body.tier,

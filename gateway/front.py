@@ -69,8 +69,8 @@ _VERSIONS = frozenset({"1.0", "1.1"})
 # host[":" port] as a forwarded host: an IP literal (a zone too), or a name (IPv4 included)
 # of DNS characters, with no comma a backend would split X-Forwarded-Host at; may be empty.
 _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+(%25[A-Za-z0-9._~-]+)?\]|[A-Za-z0-9._-]*)(:[0-9]{1,5})?")
-# Short Host values already checked: clients send the same few, and the check is a regex.
-_good_hosts: set[bytes] = set()
+# Short Host values already checked (FrontServer.good_hosts): clients send the same few, and
+# the check is a regex.
 _GOOD_HOSTS_MAX = 1024
 _GOOD_HOST_LENGTH = 260
 
@@ -579,15 +579,16 @@ class _Connection(asyncio.Protocol):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in 1.0; two would let
             # the gateway and the backend each believe another.
             raise _HeadError(400, "bad_request", "a request needs exactly one Host header")
-        if hosts and hosts[0] not in _good_hosts:
+        good_hosts = self._server.good_hosts
+        if hosts and hosts[0] not in good_hosts:
             # Forwarded as X-Forwarded-Host: only a host[:port] as RFC 3986 writes it.
             host = _HOST.fullmatch(hosts[0])
             if host is None or (host[3] is not None and int(host[3][1:]) > 65535):
                 raise _HeadError(400, "bad_request", "the Host header is not a host[:port]")
             if len(hosts[0]) <= _GOOD_HOST_LENGTH:
-                if len(_good_hosts) >= _GOOD_HOSTS_MAX:
-                    _good_hosts.clear()
-                _good_hosts.add(hosts[0])
+                if len(good_hosts) >= _GOOD_HOSTS_MAX:
+                    good_hosts.clear()
+                good_hosts.add(hosts[0])
         codings = noted.get(b"transfer-encoding")
         if codings and (len(codings) > 1 or codings[0].strip().lower() != b"chunked"):
             # llhttp has refused one not ending in chunked; one before it (gzip, chunked)
@@ -864,6 +865,7 @@ class FrontServer:
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # requests being answered
         self._held: list[_Connection] = []  # connections with answers sent this pass
+        self.good_hosts: set[bytes] = set()  # Host values that passed the check
         self.closing = False
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None

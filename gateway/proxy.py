@@ -328,8 +328,9 @@ class Proxy:
                 request.method, target, out_head, data, length=streamed_length
             )
         except asyncio.CancelledError:
-            # Shutdown past its grace period cancels the request unserved: it does not pay.
-            await asyncio.shield(refund("cancelled"))
+            # Shutdown past its grace period cancels the request unserved: it does not pay
+            # (refund shields its Redis call from a second cancel).
+            await refund("cancelled")
             raise
         except (UpstreamError, UnsafeHeader, _BodyTooLarge, _ClientStalled, ClientGone) as exc:
             if isinstance(exc, (_ClientStalled, ClientGone)):
@@ -366,7 +367,7 @@ class Proxy:
             await self._relay(request, upstream_resp, decision, rm, started, refund)
         except asyncio.CancelledError:
             if not request.finished:  # cut off mid-answer, as when the backend breaks off
-                await asyncio.shield(refund("cancelled"))
+                await refund("cancelled")
             raise
         finally:
             upstream_resp.release()

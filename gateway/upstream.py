@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from multidict import CIMultiDict
 
 from gateway.errors import GatewayError
-from gateway.upstream_protocol import ConnectionLost, ResponseError, UpstreamConnection
+from gateway.upstream_protocol import ConnectionLost, ResponseError, UpstreamConnection, expire
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # RFC 9110 8.6: a user agent sends Content-Length: 0 on these when there is no body.
@@ -74,7 +74,7 @@ class UpstreamResponse:
         assert conn is not None
         waiter = conn.read_ready()
         if waiter is not None:
-            handle = self._pool.loop.call_later(self._pool.read_timeout, _expire, waiter)
+            handle = self._pool.loop.call_later(self._pool.read_timeout, expire, waiter)
             try:
                 await waiter
             except TimeoutError:
@@ -240,7 +240,7 @@ class UpstreamPool:
     async def _wait_head(self, waiter: asyncio.Future[None]) -> None:
         if waiter.done():
             return waiter.result()
-        handle = self.loop.call_later(self.read_timeout, _expire, waiter)
+        handle = self.loop.call_later(self.read_timeout, expire, waiter)
         try:
             await waiter
         except TimeoutError:
@@ -266,7 +266,7 @@ class UpstreamPool:
                 return await self._connect(deadline), False
             waiter = self.loop.create_future()
             self._waiters.append(waiter)
-            handle = self.loop.call_at(deadline, _expire, waiter)
+            handle = self.loop.call_at(deadline, expire, waiter)
             try:
                 await waiter
             except TimeoutError:
@@ -375,8 +375,3 @@ async def _send_body(
             raise UpstreamTimeout("the backend stopped reading the request body") from None
     if chunked:
         conn.write(b"0\r\n\r\n")
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())

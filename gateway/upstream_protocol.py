@@ -107,7 +107,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         waiter = self._loop.create_future()
         self._drain_waiter = waiter
-        timer = self._loop.call_later(timeout, _time_out, waiter)
+        timer = self._loop.call_later(timeout, expire, waiter)
         try:
             await waiter
         finally:
@@ -337,6 +337,7 @@ class UpstreamConnection(asyncio.Protocol):
                     )
 
 
-def _time_out(waiter: asyncio.Future[None]) -> None:
+def expire(waiter: asyncio.Future[None]) -> None:
+    """A deadline's timer callback: the waiter, if still waiting, gets TimeoutError."""
     if not waiter.done():
         waiter.set_exception(TimeoutError())
