@@ -57,6 +57,12 @@ class BadPath(GatewayError):
     """The request target cannot be canonicalized unambiguously."""
 
 
+# Here, not in gateway.front where it is raised: a subclass of a builtin other than
+# Exception cannot be compiled with mypyc (gateway/compiled.py), so it lives in plain Python.
+class ClientGone(ConnectionResetError):
+    """The client's connection closed before the exchange ended."""
+
+
 def bearer_challenge(exc: AuthError) -> tuple[str, str]:
     """The 401's code and RFC 6750 challenge: no error code when there were no credentials."""
     if exc.missing:

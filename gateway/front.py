@@ -32,13 +32,13 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
-from typing import cast
+from typing import Any, cast
 
 import httptools
 from multidict import CIMultiDict
 
 from config.model import Limits
-from gateway.errors import error_body
+from gateway.errors import ClientGone, error_body
 from gateway.headers import http_date
 
 log = logging.getLogger(__name__)
@@ -73,10 +73,6 @@ _HOST = re.compile(rb"(\[[0-9A-Fa-f:.]+(%25[A-Za-z0-9._~-]+)?\]|[A-Za-z0-9._-]*)
 # the check is a regex.
 _GOOD_HOSTS_MAX = 1024
 _GOOD_HOST_LENGTH = 260
-
-
-class ClientGone(ConnectionResetError):
-    """The client's connection closed before the exchange ended."""
 
 
 class _HeadError(Exception):
@@ -362,6 +358,7 @@ class _Connection(asyncio.Protocol):
         "_progress",
         "_queue",
         "_read_paused",
+        "_refused",
         "_server",
         "_target",
         "_target_size",
@@ -400,6 +397,7 @@ class _Connection(asyncio.Protocol):
         self._active: Request | None = None  # the request being answered
         self._queue: collections.deque[Request] = collections.deque()
         self._pending_error: _HeadError | None = None
+        self._refused: _HeadError | None = None  # what a parser callback raised last
         self._read_paused = False
         self._write_paused_at: float | None = None  # since when the client is not reading
         self._drain: asyncio.Future[None] | None = None
@@ -446,10 +444,10 @@ class _Connection(asyncio.Protocol):
             self._stop_reading()
             if self._last is not None:
                 self._last.close = True
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if isinstance(cause, _HeadError):
-                self._fail(cause)
+        except httptools.HttpParserCallbackError:
+            refused, self._refused = self._refused, None
+            if refused is not None:
+                self._fail(refused)
             else:  # pragma: no cover - the callbacks raise nothing else
                 log.exception("HTTP parser callback failed")
                 self._fail(_HeadError(400, "bad_request", "malformed request"))
@@ -520,12 +518,22 @@ class _Connection(asyncio.Protocol):
         self._field_bytes = 0
         self._target_size = 0
 
+    def _refuse(self, status: int, code: str, message: str) -> _HeadError:
+        """The error a parser callback raises, kept for data_received to answer.
+
+        Kept, not read back from the parser error's ``__context__``: raising replaces that
+        with any exception being handled at the time, and compiled code (gateway/compiled.py)
+        can be inside one.
+        """
+        self._refused = error = _HeadError(status, code, message)
+        return error
+
     def on_url(self, piece: bytes) -> None:
         self._target.append(piece)
         self._target_size += len(piece)
         self._head_size += len(piece)
         if self._target_size > self._server.max_line:
-            raise _HeadError(414, "uri_too_long", "the request target is too long")
+            raise self._refuse(414, "uri_too_long", "the request target is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._fields += 1
@@ -534,10 +542,10 @@ class _Connection(asyncio.Protocol):
             # them) and never taken for a header of the next request; only bounded.
             self._head_size += len(name) + len(value) + 4
             if self._head_size > self._server.max_head:
-                raise _HeadError(431, "request_head_too_large", _TRAILER_TOO_LARGE)
+                raise self._refuse(431, "request_head_too_large", _TRAILER_TOO_LARGE)
             return
         if len(name) + len(value) > self._server.max_field:
-            raise _HeadError(431, "request_head_too_large", _FIELD_TOO_LARGE)
+            raise self._refuse(431, "request_head_too_large", _FIELD_TOO_LARGE)
         headers = self._headers
         headers.append((name, value))
         if len(name) in _NOTED_LENGTHS:
@@ -545,10 +553,10 @@ class _Connection(asyncio.Protocol):
             if lower in _NOTED:
                 self._noted.setdefault(lower, []).append(value)
         if len(headers) > _MAX_FIELDS:
-            raise _HeadError(431, "request_head_too_large", "too many header fields")
+            raise self._refuse(431, "request_head_too_large", "too many header fields")
         self._head_size += len(name) + len(value) + 4
         if self._head_size > self._server.max_head:
-            raise _HeadError(431, "request_head_too_large", _HEAD_TOO_LARGE)
+            raise self._refuse(431, "request_head_too_large", _HEAD_TOO_LARGE)
 
     def on_headers_complete(self) -> None:
         self.head_started = None
@@ -573,18 +581,18 @@ class _Connection(asyncio.Protocol):
         if request.version not in _VERSIONS:
             # HTTP/0.9 has no headers to check, HTTP/2+ is not spoken on this port.
             message = f"HTTP/{request.version} is not supported"
-            raise _HeadError(505, "http_version_not_supported", message)
+            raise self._refuse(505, "http_version_not_supported", message)
         hosts = noted.get(b"host", ())
         if len(hosts) > 1 or (not hosts and request.version == "1.1"):
             # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in 1.0; two would let
             # the gateway and the backend each believe another.
-            raise _HeadError(400, "bad_request", "a request needs exactly one Host header")
+            raise self._refuse(400, "bad_request", "a request needs exactly one Host header")
         good_hosts = self._server.good_hosts
         if hosts and hosts[0] not in good_hosts:
             # Forwarded as X-Forwarded-Host: only a host[:port] as RFC 3986 writes it.
             host = _HOST.fullmatch(hosts[0])
             if host is None or (host[3] is not None and int(host[3][1:]) > 65535):
-                raise _HeadError(400, "bad_request", "the Host header is not a host[:port]")
+                raise self._refuse(400, "bad_request", "the Host header is not a host[:port]")
             if len(hosts[0]) <= _GOOD_HOST_LENGTH:
                 if len(good_hosts) >= _GOOD_HOSTS_MAX:
                     good_hosts.clear()
@@ -594,14 +602,14 @@ class _Connection(asyncio.Protocol):
             # llhttp has refused one not ending in chunked; one before it (gzip, chunked)
             # would be lost when the body is re-framed for the backend (RFC 9112 6.1: 501).
             message = "only Transfer-Encoding: chunked is supported"
-            raise _HeadError(501, "unsupported_transfer_coding", message)
+            raise self._refuse(501, "unsupported_transfer_coding", message)
         if parser.should_upgrade() and request.body_exists:
             # llhttp hands what follows an upgrade's head to the other protocol: the body
             # would silently go missing, and the request be forwarded (and paid) without.
-            raise _HeadError(400, "bad_request", "an Upgrade or CONNECT request with a body")
+            raise self._refuse(400, "bad_request", "an Upgrade or CONNECT request with a body")
         if len(self._queue) >= _PIPELINE_LIMIT:
             # Reading pauses at _PIPELINE_MAX, but one read may hold many more requests.
-            raise _HeadError(400, "bad_request", "too many pipelined requests")
+            raise self._refuse(400, "bad_request", "too many pipelined requests")
         self.parsing = request
         self._last = request
         if self._active is None and self._write_paused_at is None:
@@ -900,7 +908,10 @@ class FrontServer:
 
     @property
     def sockets(self) -> Iterable[object]:
-        for server in self._servers:
+        # Read untyped: uvloop's is a list where typeshed says tuple, and compiled code
+        # (gateway/compiled.py) checks declared types.
+        servers: list[Any] = self._servers
+        for server in servers:
             yield from server.sockets
 
     async def _sweep(self) -> None:

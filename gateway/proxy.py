@@ -18,9 +18,9 @@ from config.model import Config
 from gateway import headers as hdr
 from gateway import metrics
 from gateway.auth import Claims, TokenVerifier
-from gateway.errors import AuthError, BadPath, QuotaStoreUnavailable, bearer_challenge
+from gateway.errors import AuthError, BadPath, ClientGone, QuotaStoreUnavailable, bearer_challenge
 from gateway.failopen import FailOpenLedger
-from gateway.front import ClientGone, Request
+from gateway.front import Request
 from gateway.headers import UnsafeHeader
 from gateway.quota import Decision, QuotaStore, Reason
 from gateway.routing import MethodNotAllowed, PricedRoute, RouteTable, canonicalize
@@ -59,6 +59,40 @@ class _BodyTooLarge(Exception):
 
 class _ClientStalled(Exception):
     """The client's request body made no progress within the client timeout."""
+
+
+class _Body:
+    """The request body as it arrives, held to the route's limit.
+
+    An async iterator class, not an async generator: mypyc compiles this module
+    (gateway/compiled.py) and does not compile async generators.
+    """
+
+    __slots__ = ("_limit", "_request", "_seen", "_timeout")
+
+    def __init__(self, request: Request, limit: int, timeout: float) -> None:
+        self._request = request
+        self._limit = limit
+        self._timeout = timeout
+        self._seen = 0
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        # An idle deadline per read, not one for the whole body: a large upload that keeps
+        # moving may take as long as it needs.
+        try:
+            async with asyncio.timeout(self._timeout):
+                chunk = await self._request.readany()
+        except TimeoutError:
+            raise _ClientStalled from None
+        if not chunk:
+            raise StopAsyncIteration
+        self._seen += len(chunk)
+        if self._seen > self._limit:
+            raise _BodyTooLarge
+        return chunk
 
 
 class Proxy:
@@ -298,6 +332,7 @@ class Proxy:
 
         data: bytes | AsyncIterator[bytes] | None = None
         streamed_length: int | None = None
+        failed: BaseException | None = None
         try:
             out_head = hdr.upstream_request_head(
                 request.raw_headers,
@@ -315,24 +350,38 @@ class Proxy:
                 if (length is not None and length <= _SMALL) or route.max_body <= _SMALL:
                     # Read whole before a backend connection is taken: a slow upload
                     # holds none. A chunked one is held to the route's limit as it comes.
+                    parts = []
                     try:
                         async with asyncio.timeout(self._client_timeout):
-                            parts = [c async for c in self._body(request, route.max_body)]
+                            async for chunk in _Body(request, route.max_body, self._client_timeout):
+                                parts.append(chunk)
                     except TimeoutError:
                         raise _ClientStalled from None
                     data = b"".join(parts)
                 else:
-                    data = self._body(request, route.max_body)
+                    data = _Body(request, route.max_body, self._client_timeout)
                     streamed_length = length
             upstream_resp = await self._pools[route.upstream_name].request(
                 request.method, target, out_head, data, length=streamed_length
             )
-        except asyncio.CancelledError:
-            # Shutdown past its grace period cancels the request unserved: it does not pay
-            # (refund shields its Redis call from a second cancel).
-            await refund("cancelled")
-            raise
-        except (UpstreamError, UnsafeHeader, _BodyTooLarge, _ClientStalled, ClientGone) as exc:
+        except (
+            asyncio.CancelledError,
+            UpstreamError,
+            UnsafeHeader,
+            _BodyTooLarge,
+            _ClientStalled,
+            ClientGone,
+        ) as caught:
+            # Answered below, not in the except block: compiled code must not suspend in one
+            # (gateway/compiled.py).
+            failed = caught
+        if failed is not None:
+            exc = failed
+            if isinstance(exc, asyncio.CancelledError):
+                # Shutdown past its grace period cancels the request unserved: it does not
+                # pay (refund shields its Redis call from a second cancel).
+                await refund("cancelled")
+                raise exc
             if isinstance(exc, (_ClientStalled, ClientGone)):
                 # A stalled upload (the pool discarded the backend connection it held, never
                 # to be reused mid-request), or one that broke off: the client is not
@@ -360,35 +409,20 @@ class Proxy:
             await refund(kind or "body_too_large")
             return self._error(request, rm, started, status, code, message)
 
+        cancelled: asyncio.CancelledError | None = None
         try:
             if upstream_resp.status in self._refund_statuses:
                 metrics.UPSTREAM_ERRORS.labels(route.upstream_name, str(upstream_resp.status)).inc()
                 await refund(str(upstream_resp.status))
             await self._relay(request, upstream_resp, decision, rm, started, refund)
-        except asyncio.CancelledError:
-            if not request.finished:  # cut off mid-answer, as when the backend breaks off
-                await refund("cancelled")
-            raise
+        except asyncio.CancelledError as exc:
+            cancelled = exc
         finally:
             upstream_resp.release()
-
-    async def _body(self, request: Request, limit: int) -> AsyncIterator[bytes]:
-        seen = 0
-        timeout = self._client_timeout
-        while True:
-            # An idle deadline per read, not one for the whole body: a large upload that
-            # keeps moving may take as long as it needs.
-            try:
-                async with asyncio.timeout(timeout):
-                    chunk = await request.readany()
-            except TimeoutError:
-                raise _ClientStalled from None
-            if not chunk:
-                return
-            seen += len(chunk)
-            if seen > limit:
-                raise _BodyTooLarge
-            yield chunk
+        if cancelled is not None:
+            if not request.finished:  # cut off mid-answer, as when the backend breaks off
+                await refund("cancelled")
+            raise cancelled
 
     async def _relay(
         self,
@@ -411,13 +445,16 @@ class Proxy:
             headers = hdr.client_response_head(upstream_resp.raw_headers)
         no_body = request.method == "HEAD" or status in _NO_BODY_STATUSES
         length = upstream_resp.content_length
+        cut: BodyCut | None = None  # handled after its except block (gateway/compiled.py)
         if not no_body and length is not None and length <= _SMALL:
             try:
                 body = await upstream_resp.read_all()
             except BodyCut as exc:
+                cut = exc
+            if cut is not None:
                 # Nothing was sent to the client yet: it gets an honest 502, not a cut body.
                 metrics.UPSTREAM_ERRORS.labels("stream", "truncated").inc()
-                log.warning("upstream body cut short: %r", exc)
+                log.warning("upstream body cut short: %r", cut)
                 await refund("truncated")
                 message = "the backend's answer broke off"
                 return self._error(request, rm, started, 502, "upstream_unavailable", message)
@@ -443,14 +480,16 @@ class Proxy:
             # The backend answered, so there is nothing to refund.
             request.abort()
         except BodyCut as exc:
-            # The backend died mid-answer: the client got a cut body, so it does not pay.
-            metrics.UPSTREAM_ERRORS.labels("stream", "truncated").inc()
-            log.warning("upstream body cut short: %r", exc)
-            await refund("truncated")
-            request.abort()
+            cut = exc
         except ClientGone:
             # The client went away: it was served what it read; nothing to refund.
             pass
+        if cut is not None:
+            # The backend died mid-answer: the client got a cut body, so it does not pay.
+            metrics.UPSTREAM_ERRORS.labels("stream", "truncated").inc()
+            log.warning("upstream body cut short: %r", cut)
+            await refund("truncated")
+            request.abort()
 
     async def _refund(
         self,

@@ -331,11 +331,17 @@ class RedisPipe:
             task.add_done_callback(self._returning.discard)
 
     async def _give_back(self, borrowed: AbstractConnection, *, broken: bool) -> None:
-        try:
-            if broken:
+        # Released whatever disconnect raised, but not from a finally block: compiled code
+        # must not suspend in one (gateway/compiled.py).
+        failed: BaseException | None = None
+        if broken:
+            try:
                 await borrowed.disconnect(nowait=True)
-        finally:
-            await self._pool.release(borrowed)
+            except BaseException as exc:
+                failed = exc
+        await self._pool.release(borrowed)
+        if failed is not None:
+            raise failed
         if broken:
             # The server went away or hung: the pool's idle connections are as dead as this
             # one, and redis-py would hand them to the next ping or command unnoticed.
@@ -345,25 +351,30 @@ class RedisPipe:
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         borrowed: AbstractConnection | None = None
+        failed: Exception | None = None
         try:
-            async with asyncio.timeout(self._timeout):
-                borrowed = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-            writer = getattr(borrowed, "_writer", None)
-            transport = writer.transport if writer is not None else None
-            if transport is None or transport.is_closing():
-                raise ConnectionResetError
-        except Exception as exc:  # whatever failed, the waiting calls get their 503
-            if borrowed is not None:
-                await self._give_back(borrowed, broken=True)
-            self._outage.failed(exc)  # a refused port, a certificate, a password
-            error = QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}")
-            queue, self._queue = self._queue, []
-            for call in queue:
-                if call.future is not None and not call.future.done():
-                    call.future.set_exception(error)
-            return
+            try:
+                async with asyncio.timeout(self._timeout):
+                    borrowed = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+                writer = getattr(borrowed, "_writer", None)
+                transport = writer.transport if writer is not None else None
+                if transport is None or transport.is_closing():
+                    raise ConnectionResetError
+            except Exception as exc:  # whatever failed, the waiting calls get their 503
+                failed = exc  # handled below: compiled code must not suspend in an except
+            if failed is not None:
+                if borrowed is not None:
+                    await self._give_back(borrowed, broken=True)
+                self._outage.failed(failed)  # a refused port, a certificate, a password
+                error = QuotaStoreUnavailable(f"redis unavailable: {failed.__class__.__name__}")
+                queue, self._queue = self._queue, []
+                for call in queue:
+                    if call.future is not None and not call.future.done():
+                        call.future.set_exception(error)
+                return
         finally:
             self._connecting = None
+        assert transport is not None  # the checks above raised otherwise
         self._outage.ok()
         self._conn = conn = _Connection(
             self, loop, self._timeout, transport, borrowed, self._late_window

@@ -54,6 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = False
         self.complete = False
         self.error: BaseException | None = None
+        self._refused: ResponseError | None = None  # what a parser callback raised last
         self._head_bytes = 0
         self._progress = 0  # body pieces and heads the read being fed gave
         self._framing = 0  # bytes of the reads since the last of those
@@ -196,9 +197,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
         except httptools.HttpParserError as exc:
             # A callback's own refusal comes wrapped ("User callback error"): say which.
-            cause = exc.__context__
-            error = cause if isinstance(cause, ResponseError) else None
-            self._fail(error or ResponseError(f"malformed response: {exc}"))
+            refused, self._refused = self._refused, None
+            self._fail(refused or ResponseError(f"malformed response: {exc}"))
             self.close()
         except ResponseError as exc:
             self._fail(exc)
@@ -227,11 +227,16 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- llhttp callbacks -----------------------------------------------------------------
 
+    def _refuse(self, message: str) -> ResponseError:
+        # Kept for data_received (see gateway.front's _Connection._refuse for why).
+        self._refused = error = ResponseError(message)
+        return error
+
     def on_message_begin(self) -> None:
         if self.complete:
             # A second answer to one request (in the same read as the first): the backend is
             # out of step. The first answer stands; the connection goes.
-            raise ResponseError("data after the response")
+            raise self._refuse("data after the response")
         self.raw_headers = []
         self.content_length = None
         self.reason = ""  # not an interim answer's ("200 Early Hints")
@@ -240,12 +245,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         if len(status) > MAX_FIELD:
-            raise ResponseError("status line too long")
+            raise self._refuse("status line too long")
         self.reason = status.decode("utf-8", "surrogateescape")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if len(name) > MAX_FIELD or len(value) > MAX_FIELD:
-            raise ResponseError("response header field too long")
+            raise self._refuse("response header field too long")
         if self._headers_done:
             return  # a trailer field: dropped (the answer is re-framed), bounded as framing
         lower = name.lower()
@@ -270,7 +275,7 @@ class UpstreamConnection(asyncio.Protocol):
             # length to the end of the connection, the ambiguity smuggling lives on. Other
             # codings before it (gzip, chunked) are refused too: the answer is re-framed
             # for the client, and a coding dropped on the way would corrupt its body.
-            raise ResponseError("a Transfer-Encoding other than chunked")
+            raise self._refuse("a Transfer-Encoding other than chunked")
         self.status = status
         self._progress += 1  # the read that ends the head is not framing
         # HTTP/1.0 answers end their connection (RFC 9112 6.1: one with Transfer-Encoding

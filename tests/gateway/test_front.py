@@ -24,7 +24,8 @@ from prometheus_client import REGISTRY
 
 from config.model import Limits
 from gateway import keys
-from gateway.front import ClientGone, FrontServer, Handler, Request
+from gateway.errors import ClientGone
+from gateway.front import FrontServer, Handler, Request
 from tests.conftest import GatewayServer, auth, load_test_config, replace_section
 
 WAIT = 2.0  # the most any single read may take before the test fails instead of hanging
