@@ -58,11 +58,9 @@ class TokenVerifier:
         self._options: jwt.types.Options = {"require": _REQUIRED}
 
     async def verify(self, token: str) -> Claims:
-        cached = self._cache.get(token)
+        cached = self._cached_token(token)
         if cached is not None:
-            if cached.exp + self._auth.leeway_seconds > self._clock():
-                return cached
-            del self._cache[token]
+            return cached
         key = await self._key_for(token)
         claims = self._decode(token, key)
         if self._cache_size:
@@ -71,6 +69,26 @@ class TokenVerifier:
                 del self._cache[next(iter(self._cache))]
             self._cache[token] = claims
         return claims
+
+    def cached(self, header: str | None) -> Claims | None:
+        """The claims of a bearer token verified before and not expired, else None.
+
+        The common case without a coroutine: the proxy awaits ``verify_header`` only when
+        this has nothing, which then also answers every refusal.
+        """
+        if header is None or header[:7].lower() != "bearer ":
+            return None
+        return self._cached_token(header[7:].strip())
+
+    def _cached_token(self, token: str) -> Claims | None:
+        """A verification of ``token`` still in date; an expired one leaves the cache."""
+        claims = self._cache.get(token)
+        if claims is None:
+            return None
+        if claims.exp + self._auth.leeway_seconds > self._clock():
+            return claims
+        del self._cache[token]
+        return None
 
     async def verify_header(self, header: str | None) -> Claims:
         if not header:

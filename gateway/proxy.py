@@ -179,12 +179,13 @@ class Proxy:
                 request, rm, started, AuthError("more than one Authorization header")
             )
         if not route.public:
-            try:
-                claims = await self._verifier.verify_header(
-                    authorization[0] if authorization else None
-                )
-            except AuthError as exc:
-                return self._unauthorized(request, rm, started, exc)
+            header = authorization[0] if authorization else None
+            claims = self._verifier.cached(header)
+            if claims is None:
+                try:
+                    claims = await self._verifier.verify_header(header)
+                except AuthError as exc:
+                    return self._unauthorized(request, rm, started, exc)
 
         decision: Decision | None = None
         receipt: int | None = None  # a fail-open record's

@@ -329,6 +329,22 @@ async def test_cached_token_still_expires(
     assert len(recorder.hits) == 2
 
 
+async def test_cached_answers_only_what_verify_header_would_from_its_cache() -> None:
+    clock = Clock(time.time())
+    verifier = TokenVerifier(Auth(leeway_seconds=0), secret=SECRET, clock=clock)
+    token = make_token("acct-fast", ttl=60)
+    assert verifier.cached(f"Bearer {token}") is None  # never verified: the slow path
+    claims = await verifier.verify_header(f"Bearer {token}")
+    assert claims.sub == "acct-fast"
+    # The scheme in any case and spaces around the token, as verify_header takes them.
+    for header in (f"Bearer {token}", f"bearer {token}", f"BEARER  {token} "):
+        assert verifier.cached(header) == claims
+    for header in (None, "", token, f"Basic {token}", f"Bearer{token}", "Bearer "):
+        assert verifier.cached(header) is None
+    clock.now = claims.exp
+    assert verifier.cached(f"Bearer {token}") is None  # expired: left to verify_header
+
+
 async def test_token_cache_is_bounded() -> None:
     clock = Clock(time.time())
     verifier = TokenVerifier(Auth(token_cache_size=2), secret=SECRET, clock=clock)
