@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 import redis.asyncio as redis
 
+from gateway import compiled
 from gateway.embedded_redis import EmbeddedRedis
 from tests.conftest import ROOT, SECRET, TEST_DB, auth, echo
 
@@ -30,6 +31,8 @@ def _free_port() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("METERGATE_", "STRIPE_"))}
+    if compiled.PURE_ENV in os.environ:  # PURE=1 make test: the commands run the source too
+        env[compiled.PURE_ENV] = os.environ[compiled.PURE_ENV]
     env["METERGATE_CONFIG"] = str(ROOT / "gateway.toml")
     env.update(extra)
     return env
