@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from config import ConfigError, Settings, load_settings
+from gateway import compiled
 
 log = logging.getLogger("metergate")
 
@@ -142,6 +143,9 @@ def _gateway_worker(index: int) -> None:
     from gateway.server import ListenError, run, serve
 
     settings = load_settings()
+    if settings.workers > 1:
+        # Each worker chooses for itself: one restarted after an edit may run the source.
+        log.info("worker %d: hot path %s", index, compiled.describe())
     try:
         run(serve(gateway_sites(settings, reuse_port=settings.workers > 1)))
     except ListenError as exc:
@@ -155,12 +159,13 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     settings = _settings()
     warn_dev_secret(settings)
     log.info(
-        "gateway on http://%s:%d (%d worker%s), redis %s",
+        "gateway on http://%s:%d (%d worker%s), redis %s, hot path %s",
         settings.gateway_host,
         settings.gateway_port,
         settings.workers,
         "" if settings.workers == 1 else "s",
         "configured" if settings.redis_url else "redis://127.0.0.1:6379/0 (default)",
+        compiled.describe(),
     )
 
     def gateway() -> int:

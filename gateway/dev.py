@@ -11,6 +11,7 @@ from aiohttp import web
 
 from config.load import ConfigError
 from config.settings import Settings
+from gateway import compiled
 from gateway.auth import issue_token
 from gateway.cli import warn_dev_secret
 from gateway.embedded_redis import EmbeddedRedis, EmbeddedRedisError
@@ -93,7 +94,8 @@ def run_up(settings: Settings, *, data_dir: str = "var") -> int:
                 f"  gateway       {base}\n"
                 f"  demo backend  http://{backend_host}:{backend_port}\n"
                 f"  admin         http://{settings.admin_host}:{settings.admin_port}\n"
-                f"  metrics       {scrape}\n\n"
+                f"  metrics       {scrape}\n"
+                f"  hot path      {compiled.describe()}\n\n"
                 "Try it (a free-tier account, 100 units a month):\n\n"
                 f"  curl -i -H 'Authorization: Bearer {token}' {base}/signals\n\n"
                 "Ctrl-C stops everything.\n",

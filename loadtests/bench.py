@@ -41,7 +41,7 @@ from typing import Any
 import redis
 
 from config.load import load_config
-from gateway import keys
+from gateway import compiled, keys
 from gateway.auth import issue_token
 from gateway.embedded_redis import EmbeddedRedis, self_signed_tls
 from gateway.routing import PricedRoute, RouteTable
@@ -440,6 +440,8 @@ def _machine(wrk_bin: str) -> dict[str, Any]:
         "nginx": nginx or "",
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "commit": commit,  # the gateway measured, "-dirty" with uncommitted edits
+        # Compiled or source: the children inherit this process's environment and files.
+        "hot_path": compiled.describe(),
     }
 
 

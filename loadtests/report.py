@@ -196,7 +196,8 @@ def render(
         f"{machine['cpu_model']}, {machine['nproc']} CPUs, Linux {machine['kernel']}, "
         f"Python {machine['python']}; wrk -t{settings['threads']} -c{settings['connections']}, "
         f"{settings['duration']:g} s after a {settings['warmup']:g} s warm-up, "
-        f"{settings['accounts']} accounts x 4 priced routes; commit {machine['commit']}.",
+        f"{settings['accounts']} accounts x 4 priced routes; commit {machine['commit']}; "
+        f"metergate's hot path: {machine.get('hot_path', 'not recorded')}.",
         f"Each figure is the median of {settings.get('rounds', 1)} rounds through all systems "
         "(each started afresh every round); CPU spread: the lowest and highest round.",
         (

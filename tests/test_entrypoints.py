@@ -92,6 +92,8 @@ async def test_up_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         output = "".join(lines)
         curl = re.search(r"curl -i -H 'Authorization: Bearer (\S+)' (\S+)", output)
         assert curl, output
+        # How the hot path runs, as the process itself chose (compiled under make test).
+        assert f"  hot path      {compiled.describe()}\n" in output
         token, url = curl.groups()
         assert url == f"http://127.0.0.1:{gw}/signals"
         async with aiohttp.ClientSession() as session:
