@@ -4,7 +4,8 @@ Starts the same private Redis, backend and ``metergate gateway`` (one worker, me
 as ``make bench``, drives it with wrk, records with ``py-spy record --format raw`` and
 prints the functions with the most self time, self time by module, and the inclusive time
 of the gateway's own steps. Needs py-spy (``pip install py-spy``) and, as root or with
-ptrace allowed, permission to attach.
+ptrace allowed, permission to attach. The gateway runs its source (METERGATE_PURE_PYTHON=1)
+unless ``--compiled``: py-spy sees no frame of the compiled modules.
 
     .venv/bin/python -m loadtests.profile [--seconds 10] [--out /tmp/metergate.raw]
 """
@@ -12,6 +13,7 @@ ptrace allowed, permission to attach.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import secrets
 import shutil
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import redis
 
+from gateway import compiled
 from gateway.auth import issue_token
 from gateway.embedded_redis import EmbeddedRedis
 from loadtests import systems, wrk
@@ -35,7 +38,8 @@ from loadtests.procs import Child, free_port, wait_http
 # Inclusive time of these frames says where a request's CPU goes, step by step.
 _STEPS = {
     "Proxy.handle": "gateway: whole request handler",
-    "TokenVerifier.verify_header": "gateway: JWT (cached)",
+    "TokenVerifier.cached": "gateway: JWT (a token seen before)",
+    "TokenVerifier.verify_header": "gateway: JWT (a token not seen before)",
     "RedisQuotaStore.charge": "gateway: charge (encode, await decision)",
     "RedisPipe.send": "gateway: pipelined Redis write",
     "Proxy._forward": "gateway: forward (client request + relay)",
@@ -61,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-metering", action="store_true", help="profile metergate with metering off"
     )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="profile the compiled hot path as it is (py-spy sees none of its frames)",
+    )
     args = parser.parse_args(argv)
+    if not args.compiled:
+        # py-spy reads Python frames only: compiled modules would all count as the loop's.
+        os.environ[compiled.PURE_ENV] = "1"
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     wrk_bin = wrk.find_wrk()
     if not Path(pyspy).exists() or wrk_bin is None:
@@ -100,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         # py-spy samples the process only while it runs, so samples / rate / requests is
         # CPU per request, comparable between two profiles (metering on and off, say).
         print(f"{rate:,.0f} requests/s under load")
-        print(summarize(raw.read_text(), args.top, us_per_sample=1e6 / args.rate / rate))
+        requests = rate * round(args.seconds)  # served while py-spy recorded
+        print(summarize(raw.read_text(), args.top, us_per_sample=1e6 / args.rate / requests))
     return 0
 
 
