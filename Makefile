@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	METERGATE_COMPILE=0 $(BIN)/pip install --quiet -e '.[dev,embedded]'
 	touch $(STAMP)
 
-# The request's hot path compiled with mypyc in place (gateway/compiled.py): about 30%
+# The request's hot path compiled with mypyc in place (gateway/compiled.py): 10-30%
 # less CPU per request. Again whenever a file of gateway/ or config/ (its types come from
 # there) changes, or one is added or deleted (the directories change). Without a C
 # compiler it stays source, with a warning, and the next make tries again. PURE=1 runs the

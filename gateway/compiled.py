@@ -1,7 +1,7 @@
 """Which gateway modules run compiled with mypyc, and the way back to their source.
 
 The request's hot path is compiled with mypyc where the build can (``make`` compiles it in
-place; ``pip install .`` into the wheel): the same code, about 30% less CPU per request
+place; ``pip install .`` into the wheel): the same code, 10-30% less CPU per request by the CPU
 (README, Performance). The source stays the truth and still runs:
 
 - ``METERGATE_PURE_PYTHON=1`` runs the source: for py-spy, which cannot see into compiled
