@@ -29,6 +29,7 @@ from gateway.compiled import (  # noqa: E402
     SOURCES_RECORD,
     input_digests,
     record_sources,
+    remove_strays,
 )
 
 # The sources as mypyc reads them, before it compiles: an edit made during the build is
@@ -59,6 +60,8 @@ class _OptionalBuildExt(build_ext):
             _warn(f"compiling the hot path failed ({exc})")
             return
         if self.extensions:
+            for name in remove_strays(built):
+                print(f"metergate: removed {name}, not of this build", file=sys.stderr)
             # What was compiled, so that after an edit the source runs, not stale code.
             record_sources(built, _DIGESTS)
 

@@ -101,6 +101,15 @@ def _strays(directory: Path) -> list[str]:
     )
 
 
+def remove_strays(directory: Path) -> list[str]:
+    """Deleted by the build: extensions a former module list left (an older checkout, say)
+    would otherwise keep every later build running the source."""
+    strays = _strays(directory)
+    for name in strays:
+        (directory / name).unlink(missing_ok=True)
+    return strays
+
+
 def record_sources(directory: Path, digests: dict[str, str]) -> None:
     """Written by the build beside the modules it compiled (digests taken before it began)."""
     (directory / SOURCES_RECORD).write_text(json.dumps(digests, indent=1, sort_keys=True))
