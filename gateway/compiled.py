@@ -89,16 +89,16 @@ def input_digests(root: Path) -> dict[str, str]:
 
 def _strays(directory: Path) -> list[str]:
     """Extensions in ``directory`` that are not of the build: a module compiled once and
-    since taken off MODULES would still load ahead of its source."""
+    since taken off MODULES would still load ahead of its source. Only those this Python
+    would load: another version's are its own build's business."""
     ours = {*MODULES, _SHARED}
-    return sorted(
-        {
-            path.name
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES
-            for path in directory.glob(f"*{suffix}")
-            if path.name.partition(".")[0] not in ours  # a module's name has no dot
-        }
-    )
+    suffixes = set(importlib.machinery.EXTENSION_SUFFIXES)
+    strays = []
+    for path in directory.iterdir():
+        module, dot, rest = path.name.partition(".")  # a module's name has no dot
+        if dot and f".{rest}" in suffixes and module not in ours:
+            strays.append(path.name)
+    return sorted(strays)
 
 
 def remove_strays(directory: Path) -> list[str]:

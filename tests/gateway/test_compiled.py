@@ -141,6 +141,12 @@ def test_an_unrecorded_or_incomplete_build_is_stale(tmp_path: Path) -> None:
     assert compiled.remove_strays(package) == [stray.name]
     assert not stray.exists()
     assert compiled.stale(package) == []
+    # Another Python's extensions are none of this one's business: this one never loads them.
+    other = package / "auth.cpython-399-elsewhere.so"
+    other.write_bytes(b"")
+    assert compiled.stale(package) == []
+    assert compiled.remove_strays(package) == []
+    assert other.exists()
     # Compiled modules without their shared library, or only some of them, cannot run.
     next(package.glob("_hot__mypyc*")).unlink()
     assert compiled.stale(package) == ["an incomplete build"]
