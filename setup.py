@@ -37,7 +37,8 @@ from gateway.compiled import (  # noqa: E402
 _DIGESTS = input_digests(ROOT)
 
 
-_REQUIRED = os.environ.get("METERGATE_COMPILE", "1") == "required"
+_MODE = os.environ.get("METERGATE_COMPILE", "1")  # 0, 1 or required (the docstring)
+_REQUIRED = _MODE == "required"
 
 
 def _warn(message: str) -> None:
@@ -67,7 +68,7 @@ class _OptionalBuildExt(build_ext):
 
 
 def _extensions() -> list[Extension]:
-    if os.environ.get("METERGATE_COMPILE", "1") == "0":
+    if _MODE == "0":
         return []
     try:
         from mypyc.build import mypycify

@@ -156,6 +156,11 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
         return importlib.util.spec_from_file_location(fullname, source) if source else None
 
 
+def pure_requested() -> bool:
+    """Whether the environment asks for the source (``METERGATE_PURE_PYTHON``, not 0)."""
+    return os.environ.get(PURE_ENV, "") not in ("", "0")
+
+
 _reason = ""  # why the source runs although compiled modules exist; empty when they run
 
 
@@ -167,7 +172,7 @@ def choose() -> None:
     global _reason
     if not extension_files() and not _strays(PACKAGE_DIR):
         return
-    if os.environ.get(PURE_ENV, "") not in ("", "0"):
+    if pure_requested():
         _reason = f"{PURE_ENV} is set"
     elif outdated := stale():
         more = f" and {len(outdated) - 3} more" if len(outdated) > 3 else ""
