@@ -7,11 +7,11 @@ so the charge script touches one slot and runs unchanged on Redis Cluster.
   ``period_start``, ``period_end`` (unix seconds), ``past_due_since`` (unix seconds,
   only while past_due), ``updated_at``/``event_created`` (ordering of webhook events).
 - ``mg:{acct}:usage``  hash kept by the charge script: ``period_start``, ``period_end``,
-  ``used`` (units charged this period), ``overage`` (units beyond the included ones);
+  ``used`` (units charged this period), ``overage`` (units beyond the included ones),
+  ``tat`` (the rate limiter's theoretical arrival time, ms);
   ``carry_*`` hold a finished period's overage not yet reported to Stripe. The usage
   reporter adds ``reported``, ``reported_period`` and ``report_pending``.
 - ``mg:{acct}:daily:YYYY-MM-DD``  hash route -> units that day (analytics, with a TTL).
-- ``mg:{acct}:gcra``   the rate limiter's theoretical arrival time (ms).
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ def daily_key(account: str, day: str) -> str:
     return f"{_tag(account)}:daily:{day}"
 
 
-def gcra_key(account: str) -> str:
-    return f"{_tag(account)}:gcra"
+# How many KEYS one charge passes to charge.lua: account_keys' length.
+CHARGE_KEYS = 3
 
 
 def account_keys(account: str, day: str) -> list[str]:
     """The KEYS of one charge, in the order charge.lua expects them."""
     tag = _tag(account)
-    return [f"{tag}:plan", f"{tag}:usage", f"{tag}:daily:{day}", f"{tag}:gcra"]
+    return [f"{tag}:plan", f"{tag}:usage", f"{tag}:daily:{day}"]
 
 
 # Accounts let through while Redis was down (fail-open), for reconciliation.

@@ -136,6 +136,7 @@ class RedisQuotaStore:
             else None
         )
         self._refund_head = _evalsha(self._refund_sha, 2, 5)
+        self._charge_head = bulk("EVALSHA") + bulk(self._charge_sha)
         self._month: tuple[tuple[int, int], bytes] = ((0, 0), b"")
         self._settings = bulk(self._daily_ttl) + bulk(self._grace)
         self._routes: dict[tuple[str, int, str], bytes] = {}
@@ -186,7 +187,7 @@ class RedisQuotaStore:
         now = self._clock()
         (month_start, month_end), day = self._periods.month_and_day(now)
         args = (
-            4,
+            keys.CHARGE_KEYS,
             *keys.account_keys(account, day),
             int(now * 1000),
             self._tiers,
@@ -230,9 +231,8 @@ class RedisQuotaStore:
             key_parts.append(account_keys[1])
             carried.append(charge)
         n = len(carried)
-        head = (
-            header(3 + 4 * n + 6 + 3 * n) + bulk("EVALSHA") + bulk(self._charge_sha) + bulk(4 * n)
-        )
+        nkeys = keys.CHARGE_KEYS * n
+        head = header(3 + nkeys + 6 + 3 * n) + self._charge_head + bulk(nkeys)
         shared = bulk(int(now * 1000)) + self._month[1] + self._settings
         payload = b"".join([head, *key_parts, shared, *[args for _, args, _ in carried]])
         return payload, day, carried

@@ -26,7 +26,7 @@ from aiohttp import web
 
 from config.load import load_config
 from config.model import Config
-from gateway.keys import account_keys
+from gateway.keys import CHARGE_KEYS, account_keys
 from gateway.periods import calendar_month, utc_day
 from gateway.redis_quota import tier_table
 from gateway.routing import PricedRoute, RouteTable
@@ -69,7 +69,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
         month_start, month_end = calendar_month(now)
         reply = await request.app[REDIS].evalsha(
             _CHARGE_SHA,
-            4,
+            CHARGE_KEYS,
             *account_keys(claims["sub"], utc_day(now)),
             int(now * 1000),
             tier_table(config),

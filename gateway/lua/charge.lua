@@ -3,9 +3,11 @@
 -- add the cost. One call carries one charge or many (a batch costs Redis one script run,
 -- not one per request); each is decided exactly as if it ran alone, in order.
 --
--- KEYS, 4 per charge i (from 0): 4i+1 plan hash, 4i+2 usage hash, 4i+3 daily-by-route hash,
---       4i+4 GCRA timestamp (all with the account's {hash tag}: one charge per call on
---       Redis Cluster, whose calls must keep to one slot)
+-- KEYS, 3 per charge i (from 0): 3i+1 plan hash, 3i+2 usage hash (its `tat` field is the
+--       rate limiter's state), 3i+3 daily-by-route hash (all with the account's {hash tag}:
+--       one charge per call on Redis Cluster, whose calls must keep to one slot)
+-- Each command a script calls costs Redis about a microsecond and Redis serves every
+-- worker, so a charge reads the usage hash once and writes it once: 4 commands in all.
 -- ARGV: 1 now (ms)   2 tier table "name,included,overage(0|1),cap(-1=none),interval_us,burst;..."
 --       3 calendar month start (s)   4 calendar month end (s)   5 daily TTL (s)
 --       6 past_due grace (s); then 3 per charge i: 6+3i+1 cost, 6+3i+2 route,
@@ -43,7 +45,7 @@ local function tier_rules(name)
 end
 
 -- One charge: its keys, cost, route and allowed tiers.
-local function charge(plan_key, usage_key, daily_key, gcra_key, cost, route, allowed)
+local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
   local plan = redis.call('HMGET', plan_key, 'tier', 'status', 'period_start', 'period_end',
                           'past_due_since', 'cancel_at_period_end')
   local tier = 'free'
@@ -86,7 +88,7 @@ local function charge(plan_key, usage_key, daily_key, gcra_key, cost, route, all
   end
   local reset = pend - now
 
-  local usage = redis.call('HMGET', usage_key, 'period_start', 'used')
+  local usage = redis.call('HMGET', usage_key, 'period_start', 'used', 'overage', 'tat')
   local same_period = tonumber(usage[1]) == pstart
   local used = same_period and (tonumber(usage[2]) or 0) or 0
 
@@ -100,11 +102,12 @@ local function charge(plan_key, usage_key, daily_key, gcra_key, cost, route, all
   end
 
   -- GCRA: at most `burst` requests at once, then one per interval. The arrival time is kept
-  -- in ms with microsecond decimals, so limits above 1000/s keep their rate.
+  -- in ms with microsecond decimals, so limits above 1000/s keep their rate. One in the
+  -- past counts as now: a state left from long ago gives a fresh burst, no more.
   local new_tat
   if interval > 0 then
     interval = interval / 1000
-    local tat = tonumber(redis.call('GET', gcra_key)) or now_ms
+    local tat = tonumber(usage[4]) or now_ms
     if tat < now_ms then tat = now_ms end
     new_tat = tat + interval
     local allow_at = new_tat - burst * interval
@@ -125,14 +128,17 @@ local function charge(plan_key, usage_key, daily_key, gcra_key, cost, route, all
     end
   end
 
+  -- The usage hash in one write: the script runs alone, so the values read above are
+  -- still the hash's, and setting them is the same as adding to them.
+  local fields = {'used', new_used}
   if new_tat then
-    -- Kept a second past the arrival time: Redis expires keys by its own clock, not the
-    -- gateway's, and a state lost early would hand out a fresh burst.
-    redis.call('SET', gcra_key, string.format('%.3f', new_tat), 'PX', math.ceil(new_tat - now_ms) + 1000)
+    fields[3], fields[4] = 'tat', string.format('%.3f', new_tat)
   end
   if same_period then
-    redis.call('HINCRBY', usage_key, 'used', cost)
-    if overage > 0 then redis.call('HINCRBY', usage_key, 'overage', overage) end
+    if overage > 0 then
+      fields[#fields + 1], fields[#fields + 2] = 'overage', (tonumber(usage[3]) or 0) + overage
+    end
+    redis.call('HSET', usage_key, unpack(fields))
   else
     -- A new period. Overage of the old one not yet reported to Stripe is carried aside, so
     -- the usage reporter still bills it (admin/lua/claim_usage_report.lua) after rollover.
@@ -147,7 +153,8 @@ local function charge(plan_key, usage_key, daily_key, gcra_key, cost, route, all
         if old[2] then redis.call('HSET', usage_key, 'carry_period_end', old[2]) end
       end
     end
-    redis.call('HSET', usage_key, 'period_start', pstart, 'period_end', pend, 'used', cost, 'overage', overage)
+    redis.call('HSET', usage_key, 'period_start', pstart, 'period_end', pend, 'overage', overage,
+               unpack(fields))
   end
   -- The day's hash gets its TTL when a route's count starts (that day's key is written
   -- only that day, so it lives TTL after the day), not again on every charge.
@@ -158,11 +165,11 @@ local function charge(plan_key, usage_key, daily_key, gcra_key, cost, route, all
 end
 
 local replies = {}
-for i = 0, #KEYS / 4 - 1 do
-  local k, a = 4 * i, 6 + 3 * i
+for i = 0, #KEYS / 3 - 1 do
+  local k, a = 3 * i, 6 + 3 * i
   -- A charge that fails (a key of the wrong type, say) answers an error for itself alone;
   -- the charges before it stay applied and those after it still run.
-  local ok, reply = pcall(charge, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
+  local ok, reply = pcall(charge, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3],
                           tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3])
   if not ok then
     reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))

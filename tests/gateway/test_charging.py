@@ -476,7 +476,6 @@ def test_all_keys_of_an_account_share_one_cluster_slot(account: str) -> None:
         keys.plan_key(account),
         keys.usage_key(account),
         keys.daily_key(account, day),
-        keys.gcra_key(account),
     ]
     assert {_keyslot(k) for k in names} == {_crc16(account.encode()) % 16384}
     assert all(f"{{{account}}}" in k for k in names)

@@ -61,11 +61,18 @@ async def test_each_account_has_its_own_bucket(gateway, clock: Clock):
         assert (await _get(session, gateway, "acct-b"))[0] == 200
 
 
-async def test_the_limiter_state_expires_by_itself(gateway, redis_client: redis.Redis):
+async def test_the_limiter_state_is_kept_in_the_usage_hash(
+    gateway, redis_client: redis.Redis, clock: Clock
+):
+    """Read and written with the units, in the charge's one read and one write."""
+    now_ms = int(clock.now * 1000)
     async with aiohttp.ClientSession() as session:
         assert (await _get(session, gateway))[0] == 200
-    ttl_ms = await redis_client.pttl(keys.gcra_key("acct-rl"))
-    assert 500 < ttl_ms <= 1500  # the arrival time plus a second of slack for clock skew
+        assert (await _get(session, gateway))[0] == 200
+    usage = await redis_client.hgetall(keys.usage_key("acct-rl"))
+    # Each request moves the theoretical arrival time on by one interval (500 ms).
+    assert float(usage[b"tat"]) == now_ms + 2 * 500
+    assert int(usage[b"used"]) == 2
 
 
 async def test_tiers_without_a_rate_limit_are_not_limited(
@@ -84,7 +91,7 @@ async def test_tiers_without_a_rate_limit_are_not_limited(
     async with aiohttp.ClientSession() as session:
         statuses = [(await _get(session, gateway, "acct-pro"))[0] for _ in range(10)]
     assert statuses == [200] * 10
-    assert await redis_client.exists(keys.gcra_key("acct-pro")) == 0
+    assert await redis_client.hget(keys.usage_key("acct-pro"), "tat") is None
 
 
 async def test_limits_above_500_per_second_keep_their_rate(

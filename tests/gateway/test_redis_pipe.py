@@ -446,7 +446,7 @@ async def test_a_batch_of_charges_is_encoded_exactly_as_redis_py_encodes_it() ->
     ]
     billing = config.billing
     args = (
-        "EVALSHA", store._charge_sha, 4 * len(charges),
+        "EVALSHA", store._charge_sha, keys.CHARGE_KEYS * len(charges),
         *(k for account, *_ in charges for k in keys.account_keys(account, day)),
         int(now * 1000), store._tiers, *calendar_month(now),
         billing.daily_usage_ttl_seconds, billing.past_due_grace_seconds,
