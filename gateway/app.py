@@ -113,7 +113,7 @@ def _proxy_ctx(
         settings = app[SETTINGS]
         config = settings.config
         client = app[REDIS]
-        store = RedisQuotaStore(client, config, clock=clock, on_batch=metrics.BATCH.observe)
+        store = RedisQuotaStore(client, config, clock=clock, on_batch=metrics.BATCH_SIZES.observe)
         failopen = FailOpenLedger(client) if config.metering.fail_open else None
         app[STORE] = store
         async with token_verifier(config.auth, secret=settings.jwt_secret, clock=clock) as v:
@@ -127,6 +127,9 @@ def _proxy_ctx(
             if failopen is not None:
                 await failopen.flush()
             await store.aclose()
+            # Last: the requests drained and the late replies followed up, every tally is
+            # in; the timer that would write them dies with the loop.
+            metrics.flush()
 
     return ctx
 

@@ -4,11 +4,14 @@ With several workers the process that starts them sets PROMETHEUS_MULTIPROC_DIR 
 this module is imported, so every worker writes its samples to shared files and /metrics
 (served by any worker) aggregates them all.
 
-The per-request metrics (requests, latency, units) are tallied in plain ints by
-RouteMetrics and written to the Prometheus metrics once per event-loop iteration: each
-write to a shared file costs about 1.5 µs (3 µs for a histogram observation), which was
-6 µs a request with several workers. A scrape writes this process's tallies first, and
-another worker's are at most one of its loop iterations behind.
+The per-request metrics (requests, latency, units) and the charge batch sizes are
+tallied in plain ints and written to the Prometheus metrics at most FLUSH_SECONDS after
+the first tally: each write to a shared file costs about 1.5 µs (3 µs for a histogram
+observation), which was 6 µs a request with several workers, and writing once per
+event-loop iteration still cost about 1 µs a request under load, where an iteration
+serves a few requests. A scrape writes this process's tallies first, and another
+worker's are at most FLUSH_SECONDS behind; a worker that stops writes its tallies as it
+stops (gateway.app).
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import asyncio
 import bisect
 import contextlib
 import logging
-import math
 import os
 
 from prometheus_client import (
@@ -39,7 +41,9 @@ LATENCY = Histogram(
     ["route"],
     buckets=LATENCY_BUCKETS,
 )
-_BOUNDS = (*LATENCY_BUCKETS, math.inf)
+
+# How long a tally waits to be written: far below any scrape interval.
+FLUSH_SECONDS = 0.1
 
 log = logging.getLogger(__name__)
 UNITS = Counter(
@@ -76,6 +80,59 @@ BATCH = Histogram(
 )
 
 
+class _HistogramTally:
+    """Observations of one histogram (or label child), counted by bucket and written at
+    once. The buckets and sum are the values Histogram.observe increments: it has no
+    public call for many observations (tests/gateway/test_metrics.py checks the result
+    against observe() itself, so a change in prometheus_client shows)."""
+
+    __slots__ = ("_bounds", "_counts", "_histogram", "_sum")
+
+    def __init__(self, histogram: Histogram) -> None:
+        self._histogram = histogram
+        self._bounds: tuple[float, ...] = tuple(histogram._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # The bucket observe() would count it in: the first bound >= value.
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def write(self) -> None:
+        """Each count leaves its tally once written: a failure part way writes none twice."""
+        counts = self._counts
+        if any(counts):
+            buckets = self._histogram._buckets
+            for index, count in enumerate(counts):
+                if count:
+                    buckets[index].inc(count)
+                    counts[index] = 0
+            self._histogram._sum.inc(self._sum)
+            self._sum = 0.0
+
+
+class BatchSizes:
+    """The charges of each pipelined Redis write (BATCH), tallied like a route's metrics."""
+
+    __slots__ = ("_queued", "_tally", "route")
+
+    def __init__(self) -> None:
+        self.route = "(charge batches)"  # what a failed write's log line names
+        self._tally = _HistogramTally(BATCH)
+        self._queued = False
+
+    def observe(self, charges: int) -> None:
+        self._tally.observe(charges)
+        if not self._queued:
+            self._queued = True
+            _mark(self)
+
+    def _write(self) -> None:
+        self._tally.write()
+        self._queued = False
+
+
 def render() -> tuple[bytes, str]:
     flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -87,14 +144,31 @@ def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 
 
-_dirty: list[RouteMetrics] = []  # with tallies not yet written
-_flush_scheduled = False
+BATCH_SIZES = BatchSizes()
+_dirty: list[RouteMetrics | BatchSizes] = []  # with tallies not yet written
+# The loop whose timer will flush them: a timer of a loop that has since closed (one per
+# test) never fires, so another loop schedules its own.
+_flush_loop: asyncio.AbstractEventLoop | None = None
+
+
+def _mark(tally: RouteMetrics | BatchSizes) -> None:
+    """Queue ``tally`` for the next flush, which is due FLUSH_SECONDS after the first."""
+    global _flush_loop
+    _dirty.append(tally)
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # no loop: written now
+        flush()
+        return
+    if _flush_loop is not loop:
+        loop.call_later(FLUSH_SECONDS, flush)
+        _flush_loop = loop
 
 
 def flush() -> None:
     """Write every route's tallies to the Prometheus metrics."""
-    global _flush_scheduled
-    _flush_scheduled = False
+    global _flush_loop
+    _flush_loop = None
     routes = _dirty[:]
     _dirty.clear()
     for route in routes:
@@ -103,20 +177,19 @@ def flush() -> None:
         except Exception:  # one route's failure (a full disk, say) must not stall the others
             log.exception("writing the metrics of %s failed", route.route)
             _dirty.append(route)  # what is left of its tallies: tried again in a second
-    if _dirty and not _flush_scheduled:
+    if _dirty:
         with contextlib.suppress(RuntimeError):  # no loop: the next flush tries again
-            asyncio.get_running_loop().call_later(1.0, flush)
-            _flush_scheduled = True
+            loop = asyncio.get_running_loop()
+            loop.call_later(1.0, flush)
+            _flush_loop = loop
 
 
 class RouteMetrics:
-    """One route's requests, latency and units: tallied per request, written per loop
-    iteration (see the module's docstring). Label children are bound once per route."""
+    """One route's requests, latency and units: tallied per request, written within
+    FLUSH_SECONDS (see the module's docstring). Label children are bound once per route."""
 
     __slots__ = (
         "_latency",
-        "_latency_counts",
-        "_latency_sum",
         "_queued",
         "_requests",
         "_status_counts",
@@ -129,12 +202,10 @@ class RouteMetrics:
     def __init__(self, route: str) -> None:
         self.route = route
         self.refunds = REFUNDS.labels(route)  # rare: written at once
-        self._latency = LATENCY.labels(route)
+        self._latency = _HistogramTally(LATENCY.labels(route))
         self._requests: dict[int, Counter] = {}
         self._units: dict[str, Counter] = {}
         self._status_counts: dict[int, int] = {}
-        self._latency_counts = [0] * len(_BOUNDS)
-        self._latency_sum = 0.0
         self._units_counts: dict[str, int] = {}
         self._queued = False
 
@@ -142,29 +213,17 @@ class RouteMetrics:
         """A request answered with ``status``, its head sent ``seconds`` after it came."""
         counts = self._status_counts
         counts[status] = counts.get(status, 0) + 1
-        # The bucket Histogram.observe would count it in: the first bound >= seconds.
-        self._latency_counts[bisect.bisect_left(_BOUNDS, seconds)] += 1
-        self._latency_sum += seconds
+        self._latency.observe(seconds)
         if not self._queued:
-            self._mark()
+            self._queued = True
+            _mark(self)
 
     def charged(self, tier: str, units: int) -> None:
         counts = self._units_counts
         counts[tier] = counts.get(tier, 0) + units
         if not self._queued:
-            self._mark()
-
-    def _mark(self) -> None:
-        global _flush_scheduled
-        self._queued = True
-        _dirty.append(self)
-        if not _flush_scheduled:
-            try:
-                asyncio.get_running_loop().call_soon(flush)
-            except RuntimeError:  # no loop: written now
-                flush()
-                return
-            _flush_scheduled = True
+            self._queued = True
+            _mark(self)
 
     def _write(self) -> None:
         """Each count leaves its tally once written, so a failure part way writes none twice."""
@@ -182,16 +241,5 @@ class RouteMetrics:
                 child = self._units[tier] = UNITS.labels(tier, self.route)
             child.inc(units[tier])
             del units[tier]
-        counts = self._latency_counts
-        if any(counts):
-            # Histogram has no public call for many observations at once; these are the
-            # values its observe() increments (tests/gateway/test_metrics.py checks the
-            # result against observe() itself, so a change in prometheus_client shows).
-            buckets = self._latency._buckets
-            for index, count in enumerate(counts):
-                if count:
-                    buckets[index].inc(count)
-                    counts[index] = 0
-            self._latency._sum.inc(self._latency_sum)
-            self._latency_sum = 0.0
+        self._latency.write()
         self._queued = False

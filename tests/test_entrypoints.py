@@ -18,6 +18,7 @@ import redis.asyncio as redis
 
 from gateway import compiled
 from gateway.embedded_redis import EmbeddedRedis
+from gateway.metrics import FLUSH_SECONDS
 from tests.conftest import ROOT, SECRET, TEST_DB, auth, echo
 
 METERGATE = str(Path(sys.executable).with_name("metergate"))
@@ -173,7 +174,9 @@ async def test_gateway_workers_share_port_and_metrics(
                     assert resp.status == 200
         used = int(await redis_client.hget("mg:{acct-workers}:usage", "used") or 0)
         assert used == sent
-        # Whichever worker answers the scrape, it reports all workers' samples.
+        # Whichever worker answers the scrape, it reports all workers' samples: the other
+        # worker's as of its last write, at most metrics.FLUSH_SECONDS ago.
+        await asyncio.sleep(FLUSH_SECONDS + 0.2)
         for _ in range(4):
             async with aiohttp.ClientSession() as session:
                 async with session.get(base + "/metrics") as resp:
@@ -206,6 +209,7 @@ async def test_gateway_serves_metrics_on_a_listener_of_its_own(
         async with aiohttp.ClientSession() as session:
             async with session.get(public + "/signals", headers=auth("acct-scrape")) as resp:
                 assert resp.status == 200
+            await asyncio.sleep(FLUSH_SECONDS + 0.2)  # written, by whichever worker served it
             async with session.get(internal + "/metrics") as resp:
                 assert resp.status == 200
                 text = await resp.text()

@@ -135,9 +135,9 @@ def _samples(registry: CollectorRegistry) -> Samples:
     }
 
 
-async def test_tallies_written_per_loop_iteration_equal_prometheus_own_observations() -> None:
-    # The same answers through RouteMetrics and straight into a Histogram and a Counter of
-    # a private registry: what /metrics shows must not differ in any bucket or count.
+async def test_tallies_written_after_flush_seconds_equal_prometheus_own_observations() -> None:
+    # The same answers and batches through the tallies and straight into Histograms and a
+    # Counter of a private registry: /metrics must not differ in any bucket or count.
     reference = CollectorRegistry()
     latency = Histogram(
         "metergate_request_duration_seconds",
@@ -152,6 +152,12 @@ async def test_tallies_written_per_loop_iteration_equal_prometheus_own_observati
     units = Counter(
         "metergate_units_charged_total", "reference", ["tier", "route"], registry=reference
     )
+    batches = Histogram(
+        "metergate_charge_batch_size",
+        "reference",
+        buckets=metrics.BATCH._upper_bounds[:-1],
+        registry=reference,
+    )
     route = "/tally-check"
     answers = [(200, 0.0004), (200, 0.0005), (200, 0.0006), (429, 0.003), (200, 12.0), (200, 0.0)]
     answers += [(200, b / 1000) for b in range(1, 400, 7)]
@@ -164,8 +170,12 @@ async def test_tallies_written_per_loop_iteration_equal_prometheus_own_observati
     rm.charged("pro", 3)
     rm.charged("pro", 2)
     units.labels("pro", route).inc(5)
+    for size in (1, 3, 16, 16, 17, 128, 300):
+        metrics.BATCH_SIZES.observe(size)
+        batches.observe(size)
+    await asyncio.sleep(0)
     assert _samples(REGISTRY) == before  # tallied, not written yet
-    await asyncio.sleep(0)  # the loop iteration ends: written
+    await asyncio.sleep(metrics.FLUSH_SECONDS + 0.05)  # written by the timer
     after = _samples(REGISTRY)
     expected = _samples(reference)
     for key, value in expected.items():
@@ -180,6 +190,23 @@ async def test_tallies_written_per_loop_iteration_equal_prometheus_own_observati
         ]
         == sum(1 for s, _ in answers if s == 200) + 1
     )
+
+
+async def test_a_stopping_gateway_writes_its_tallies(
+    start_upstream, start_gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that stops does not leave its last FLUSH_SECONDS of counts unwritten."""
+    monkeypatch.setattr(metrics, "FLUSH_SECONDS", 60.0)  # only the stop can write them
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    gateway = await start_gateway(load_test_config(str(upstream.make_url(""))))
+    key = ("metergate_requests_total", frozenset({("route", "/signals"), ("status", "200")}))
+    before = _samples(REGISTRY).get(key, 0.0)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gateway.make_url("/signals"), headers=auth("acct-stop")) as resp:
+            assert resp.status == 200
+    assert _samples(REGISTRY).get(key, 0.0) == before  # tallied, not written yet
+    await gateway.close()
+    assert _samples(REGISTRY).get(key, 0.0) == before + 1
 
 
 async def test_a_failed_metrics_write_writes_nothing_twice_and_is_tried_again(
@@ -205,7 +232,7 @@ async def test_a_failed_metrics_write_writes_nothing_twice_and_is_tried_again(
 
     rm.answered(200, 0.001)
     rm.answered(500, 0.001)
-    await asyncio.sleep(0)  # the loop iteration's flush: the 500 count fails
+    await asyncio.sleep(metrics.FLUSH_SECONDS + 0.05)  # the flush: the 500 count fails
     assert (count("200"), count("500")) == (1.0, 0.0)
     await asyncio.sleep(1.1)  # tried again a second later, without another request
     assert (count("200"), count("500")) == (1.0, 1.0)
