@@ -6,11 +6,9 @@ Handlers speak only to the ``BillingBackend`` contract and ``Plans``; which back
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -21,6 +19,7 @@ from aiohttp import web
 from admin import keys
 from admin.appkeys import AUDIT, BILLING, CLAIMS, CLOCK, PLANS, REDIS, SETTINGS
 from admin.billing_backend import BillingError, BillingUnavailable, SubscriptionState
+from admin.billing_lock import BillingBusy, account_lock
 from admin.plans import ENDED, PAYING, change_from_state
 from admin.status import billing_status, iso
 from admin.usage_reporter import UsageReporter
@@ -28,10 +27,6 @@ from gateway.periods import utc_day
 
 _T = TypeVar("_T")
 log = logging.getLogger(__name__)
-LOCK_SECONDS = 30  # how long a second billing change waits for the first
-# How long the lock lives: longer than the Stripe calls one change makes (three, each up to
-# StripeBilling's deadline of about 31.5 s), or a slow change would lose it half way.
-LOCK_TTL_SECONDS = 300
 MAX_USAGE_DAYS = 90
 
 
@@ -87,21 +82,13 @@ def _idempotency_key(request: web.Request, *parts: object) -> str:
 
 @contextlib.asynccontextmanager
 async def _account_lock(request: web.Request, account: str) -> AsyncIterator[None]:
-    """One subscribe/upgrade/cancel at a time per account: one customer, one subscription."""
-    client = request.app[REDIS]
-    key = keys.billing_lock_key(account)
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + LOCK_SECONDS
-    while not await client.set(key, token, nx=True, ex=LOCK_TTL_SECONDS):
-        if time.monotonic() > deadline:
-            raise RequestError(409, "billing_busy", "another billing change is in progress")
-        await asyncio.sleep(0.05)
+    """One subscribe/upgrade/cancel at a time per account (one customer, one subscription),
+    and none while a Stripe event of the account is being applied (admin.billing_lock)."""
     try:
-        yield
-    finally:
-        current: Any = await client.get(key)
-        if current is not None and current.decode() == token:
-            await client.delete(key)
+        async with account_lock(request.app[REDIS], account):
+            yield
+    except BillingBusy:
+        raise RequestError(409, "billing_busy", "another billing change is in progress") from None
 
 
 def _subscription_json(state: SubscriptionState) -> dict[str, object]:

@@ -7,7 +7,7 @@ Global indices (streams, sets, sorted sets) are single keys of their own.
 - ``mg:{acct}:subscription``  the last subscription id created for the account
 - ``mg:{acct}:subscribe_request`` hash: that subscription's id, tier and payment method
 - ``mg:{acct}:rl:<window>``   billing API requests in one rate-limit window
-- ``mg:{acct}:billing_lock``  one subscribe/upgrade/cancel at a time per account
+- ``mg:{acct}:billing_lock``  one billing change at a time per account (admin.billing_lock)
 - ``mg:customers``            hash customer id -> account
 - ``mg:accounts:paid``        set of accounts whose plan pays (active, trialing, past_due)
 - ``mg:accounts:lapsed``      set of accounts that stopped paying, until their overage is reported

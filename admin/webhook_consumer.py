@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError, RedisError, ResponseError, Timeout
 from admin import keys, metrics
 from admin.audit import AuditLog
 from admin.billing_backend import BillingBackend, BillingError, BillingUnavailable
+from admin.billing_lock import WAIT_SECONDS, BillingBusy, account_lock
 from admin.customers import forget_customer
 from admin.events import (
     HANDLED,
@@ -72,6 +73,7 @@ class WebhookConsumer:
         claim_idle_ms: int = 60_000,
         batch: int = 64,
         max_deliveries: int = MAX_DELIVERIES,
+        lock_wait_seconds: float = WAIT_SECONDS,
     ) -> None:
         self._redis = client
         self._plans = plans
@@ -84,6 +86,7 @@ class WebhookConsumer:
         self._claim_idle_ms = claim_idle_ms
         self._batch = batch
         self._max_deliveries = max_deliveries
+        self.lock_wait_seconds = lock_wait_seconds
 
     async def ensure_group(self) -> None:
         # From "0": events stored before any consumer existed are applied too.
@@ -182,7 +185,11 @@ class WebhookConsumer:
             log.warning(
                 "webhook event %s (entry %s) not applied: %r", event_id, entry_id.decode(), exc
             )
-            transient = isinstance(exc, (BillingUnavailable, ConnectionError, TimeoutError))
+            # A billing change of the account in progress for long (BillingBusy) is no fault
+            # of the event either.
+            transient = isinstance(
+                exc, (BillingUnavailable, BillingBusy, ConnectionError, TimeoutError)
+            )
             if not transient and await self._deliveries(entry_id) >= self._max_deliveries:
                 await self._dead_letter(entry_id, fields, exc)
                 metrics.WEBHOOKS_PROCESSED.labels("dead_letter").inc()
@@ -268,11 +275,14 @@ class WebhookConsumer:
             # An old customer of the account, replaced since: the current plan stays.
             outcome = "other_customer"
         else:
-            change = await self._current(event.type, meaning.subscription_id, meaning.change)
-            change = msgspec.structs.replace(change, account=account)
-            result = await self._plans.apply(
-                change, created=event.created, event_id=event.id, who="stripe", source=event.id
-            )
+            # From the read of the subscription to the plan's write, no billing change of the
+            # API comes between (admin.billing_lock): it would be undone by what was read.
+            async with account_lock(self._redis, account, wait_seconds=self.lock_wait_seconds):
+                change = await self._current(event.type, meaning.subscription_id, meaning.change)
+                change = msgspec.structs.replace(change, account=account)
+                result = await self._plans.apply(
+                    change, created=event.created, event_id=event.id, who="stripe", source=event.id
+                )
             outcome = result.reason
             if event.type == "customer.deleted" and meaning.customer_id:
                 await forget_customer(self._redis, account, meaning.customer_id)

@@ -13,10 +13,13 @@ import redis.asyncio as redis
 from aiohttp.test_utils import TestServer
 
 from admin import keys
-from admin.appkeys import BILLING
+from admin.appkeys import BILLING, PLANS
 from admin.audit import AuditLog
+from admin.billing_lock import account_lock
+from admin.plans import change_from_state
 from admin.stripe_settings import StripeSettings
 from admin.usage_reporter import UsageReporter
+from admin.webhook_consumer import MAX_DELIVERIES
 from config import Config
 from gateway.redis_quota import RedisQuotaStore
 from tests.admin import support
@@ -249,6 +252,49 @@ async def test_an_event_met_by_a_stripe_outage_waits_for_stripe(
     after = await plan(redis_client)
     assert int(after["period_end"]) > int(before["period_end"])
     assert after["status"] == "active"
+
+
+async def test_an_event_waits_for_a_billing_change_in_progress_then_reads_its_outcome(
+    admin: TestServer, stripe_double: StripeDouble, redis_client: redis.Redis, clock: Clock
+) -> None:
+    """The consumer reads the subscription under the account's billing lock: read before
+    an API change and written after it, the state it read would undo that change."""
+    body = await subscribe_and_apply(admin, stripe_double)
+    status, _ = await call(admin, "POST", "/billing/upgrade", json={"tier": "enterprise"})
+    assert status == 200
+    assert all(s == 200 for s in await stripe_double.deliver())  # stored, not yet applied
+    async with account_lock(redis_client, "acct-1"):  # another change, as the API makes it
+        applying = asyncio.create_task(consumer(admin).drain())
+        await asyncio.sleep(0.3)
+        assert not applying.done()  # waiting, before it read anything from Stripe
+        state = await admin.app[BILLING].change_tier(body["subscription"]["id"], "starter", "k1")
+        await admin.app[PLANS].apply(
+            change_from_state("acct-1", state, fresh=True),
+            created=int(clock.now),
+            event_id="api:test",
+            who="account:acct-1",
+            source="test",
+        )
+    assert await applying >= 1
+    assert (await plan(redis_client))["tier"] == "starter"
+
+
+async def test_an_event_met_by_a_long_billing_change_waits_and_is_not_dead_lettered(
+    admin: TestServer, stripe_double: StripeDouble, redis_client: redis.Redis
+) -> None:
+    body = await subscribe_and_apply(admin, stripe_double)
+    before = await plan(redis_client)
+    stripe_double.advance_period(body["subscription"]["id"])  # renewed at Stripe
+    assert all(s == 200 for s in await stripe_double.deliver())
+    applier = consumer(admin)
+    applier.lock_wait_seconds = 0.05
+    async with account_lock(redis_client, "acct-1"):
+        for _ in range(MAX_DELIVERIES + 1):  # each drain delivers the waiting events again
+            await applier.drain()
+    assert (await plan(redis_client))["period_end"] == before["period_end"]
+    assert await redis_client.xlen(keys.WEBHOOK_DEAD_STREAM) == 0
+    await applier.drain()
+    assert int((await plan(redis_client))["period_end"]) > int(before["period_end"])
 
 
 @pytest.fixture
