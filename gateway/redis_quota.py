@@ -477,7 +477,9 @@ assert all(reason == code for code, reason in enumerate(_REASONS))
 _TIERS: dict[bytes, str] = {}  # the script only answers tiers of the tier table
 
 
-def _decision(reply: Any, day: str) -> Decision:
+def _decision(reply: list[Any], day: str) -> Decision:
+    # A list, not Any: the compiled module indexes it directly, and another shape fails
+    # the call with a TypeError, which the callers take as a reply of another shape.
     tier = reply[5]
     if isinstance(tier, bytes):
         name = _TIERS.get(tier)
@@ -499,7 +501,7 @@ def _decision(reply: Any, day: str) -> Decision:
 
 
 def _settle_charges(
-    charges: Sequence[_Charge],
+    charges: list[_Charge],
     day: str,
     abandoned: Callable[[_Charge, Any, str], None],
     done: asyncio.Future[Any],
@@ -507,22 +509,25 @@ def _settle_charges(
     """Hand each charge of a script call its own decision, or its own error; the reply of
     a charge whose caller went away goes to ``abandoned``."""
     error: BaseException | None = None
-    replies: Any = None
+    replies: list[Any] = []
     if done.cancelled():
         error = QuotaStoreUnavailable("redis unavailable: cancelled")
     else:
         error = done.exception()  # the pipe fails calls with QuotaStoreUnavailable
         if error is None:
-            replies = done.result()
-            if not isinstance(replies, list) or len(replies) != len(charges):
-                message = f"redis answered {len(charges)} charges with {replies!r:.200}"
+            result = done.result()
+            if isinstance(result, list) and len(result) == len(charges):
+                replies = result
+            else:
+                message = f"redis answered {len(charges)} charges with {result!r:.200}"
                 error = QuotaStoreUnavailable(message)
     if error is not None:
         for _, _, future in charges:
             if not future.done():  # done: the caller went away
                 future.set_exception(error)
         return
-    for charge, reply in zip(charges, replies, strict=True):
+    for index in range(len(charges)):  # indexed, not zipped: no iterator objects per batch
+        charge, reply = charges[index], replies[index]
         future = charge[2]
         if future.done():  # cancelled: the request will not be forwarded
             try:
