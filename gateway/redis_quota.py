@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import hiredis
 import msgspec
@@ -107,6 +107,7 @@ class RedisQuotaStore:
         self._redis = client
         self._clock = clock
         self._tiers = tier_table(config)
+        self._tier_names = tuple(config.tiers)  # the table's rows, as replies name them
         self._daily_ttl = config.billing.daily_usage_ttl_seconds
         self._grace = config.billing.past_due_grace_seconds
         self._timeout = config.metering.redis_timeout_seconds
@@ -139,7 +140,9 @@ class RedisQuotaStore:
         self._charge_head = bulk("EVALSHA") + bulk(self._charge_sha)
         self._month: tuple[tuple[int, int], bytes] = ((0, 0), b"")
         self._settings = bulk(self._daily_ttl) + bulk(self._grace)
-        self._routes: dict[tuple[str, int, str], bytes] = {}
+        # Route name -> (cost, allowed tiers, their encoding): by name, as a string's hash is
+        # kept where a tuple key is built and hashed anew on every charge.
+        self._routes: dict[str, tuple[int, str, bytes]] = {}
         self._accounts: dict[str, tuple[str, bytes]] = {}
         self._late_refunds: set[asyncio.Task[None]] = set()
         self._outage = OutageLog()  # through redis-py; the pipe keeps its own
@@ -154,8 +157,10 @@ class RedisQuotaStore:
             loop = self._loop = asyncio.get_running_loop()
         # Settled with its Decision by _settle_charges when the batch's reply comes.
         future: asyncio.Future[Decision] = loop.create_future()
-        route_args = self._routes.get((route, cost, allowed_tiers))
-        if route_args is None:
+        known = self._routes.get(route)
+        if known is not None and known[0] == cost and known[1] == allowed_tiers:
+            route_args = known[2]
+        else:
             route_args = self._route_args(route, cost, allowed_tiers)
         charge = (account, route_args, future)
         if not self._coalesce:
@@ -168,12 +173,13 @@ class RedisQuotaStore:
 
     def _route_args(self, route: str, cost: int, allowed_tiers: str) -> bytes:
         """A charge's own arguments (cost, route, allowed tiers), encoded once per route."""
-        key = (route, cost, allowed_tiers)
-        args = self._routes.get(key)
-        if args is None:
-            if len(self._routes) >= _KEY_CACHE_SIZE:
-                self._routes.clear()
-            args = self._routes[key] = bulk(cost) + bulk(route) + bulk(allowed_tiers)
+        known = self._routes.get(route)
+        if known is not None and known[0] == cost and known[1] == allowed_tiers:
+            return known[2]
+        if len(self._routes) >= _KEY_CACHE_SIZE:
+            self._routes.clear()
+        args = bulk(cost) + bulk(route) + bulk(allowed_tiers)
+        self._routes[route] = (cost, allowed_tiers, args)
         return args
 
     async def _charge_one(
@@ -200,7 +206,7 @@ class RedisQuotaStore:
             allowed_tiers,
         )
         replies = await self._call(self._charge_sha, self._charge_src, args)
-        return _decision(_only(replies), day)
+        return _decision(_only(replies), day, self._tier_names)
 
     def _charge_call(
         self, charges: Sequence[_Charge], now: float
@@ -262,7 +268,9 @@ class RedisQuotaStore:
                     payload, day, batch = self._charge_call(segment[at : at + _MAX_BATCH], now)
                     if batch:
                         future = self._loop.create_future()
-                        settle = functools.partial(_settle_charges, batch, day, self._abandoned)
+                        settle = functools.partial(
+                            _settle_charges, batch, day, self._tier_names, self._abandoned
+                        )
                         future.add_done_callback(settle)
                         late = functools.partial(self._late_batch, batch, day)
                         calls.append(Call(future, payload, self._charge_script, late))
@@ -302,7 +310,7 @@ class RedisQuotaStore:
     def _abandoned(self, charge: _Charge, reply: Any, day: str) -> None:
         """A decision nobody acts on: units it charged are given back."""
         try:
-            decision = _decision(reply, day)
+            decision = _decision(reply, day, self._tier_names)
         except Exception:  # an error reply, or another shape: nothing was charged
             decision = None
         account, route_args, _ = charge
@@ -472,30 +480,32 @@ class RedisQuotaStore:
             await self._pipe.aclose()
 
 
-_REASONS = tuple(Reason)  # indexed by the script's reason code
+_REASONS: Final = tuple(Reason)  # indexed by the script's reason code
 assert all(reason == code for code, reason in enumerate(_REASONS))
-_TIERS: dict[bytes, str] = {}  # the script only answers tiers of the tier table
 
 
-def _decision(reply: list[Any], day: str) -> Decision:
-    # A list, not Any: the compiled module indexes it directly, and another shape fails
-    # the call with a TypeError, which the callers take as a reply of another shape.
-    tier = reply[5]
-    if isinstance(tier, bytes):
-        name = _TIERS.get(tier)
-        if name is None:
-            name = _TIERS[tier] = tier.decode()
-        tier = name
+def _decision(reply: list[Any], day: str, tiers: tuple[str, ...]) -> Decision:
+    """One charge's reply (charge.lua): {reason, used, included, reset_s, tier row,
+    period_start, overage[, retry_ms]}; ``tiers`` names the tier table's rows. Another shape
+    raises (TypeError, ValueError, IndexError): the callers fail that charge alone."""
+    # Typed, not Any: the compiled module indexes and converts directly.
+    size = len(reply)
+    if size != 7 and size != 8:
+        raise ValueError(f"a charge's reply has {size} fields")
+    code: int = reply[0]
+    row: int = reply[4]
+    if code < 0 or row < 0:  # would count from the end of the tuples
+        raise ValueError(f"a charge's reply names no reason or tier: {reply!r:.200}")
     return Decision(
-        reply[0] == 1,
-        _REASONS[reply[1]],
+        code == 0,
+        _REASONS[code],
+        reply[1],
         reply[2],
         reply[3],
-        reply[4],
-        tier,
+        tiers[row],
+        reply[5],
         reply[6],
-        reply[7],
-        reply[8],
+        reply[7] if size == 8 else 0,
         day,
     )
 
@@ -503,6 +513,7 @@ def _decision(reply: list[Any], day: str) -> Decision:
 def _settle_charges(
     charges: list[_Charge],
     day: str,
+    tiers: tuple[str, ...],
     abandoned: Callable[[_Charge, Any, str], None],
     done: asyncio.Future[Any],
 ) -> None:
@@ -535,11 +546,12 @@ def _settle_charges(
             except Exception:  # logged; the batch's other charges are settled all the same
                 log.exception("following up a charge whose caller went away failed")
             continue
-        if isinstance(reply, Exception):
+        if type(reply) is not list:  # an error for this charge alone (a type check is
+            # cheaper than isinstance(reply, Exception) in the compiled module)
             future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
             continue
         try:
-            decision = _decision(reply, day)
+            decision = _decision(reply, day, tiers)
         except Exception as exc:  # a reply of another shape: this charge fails, not the rest
             future.set_exception(QuotaStoreUnavailable(f"redis answered {reply!r:.200}: {exc!r}"))
         else:

@@ -81,7 +81,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             route.name,
             "",
         )
-        if reply[0][0] != 1:  # the script answers a list: one reply per charge
+        if reply[0][0] != 0:  # one reply per charge, led by its reason (0: allowed)
             return web.json_response({"error": "quota_exceeded"}, status=429)
 
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}

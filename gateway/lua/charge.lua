@@ -12,8 +12,10 @@
 --       3 calendar month start (s)   4 calendar month end (s)   5 daily TTL (s)
 --       6 past_due grace (s); then 3 per charge i: 6+3i+1 cost, 6+3i+2 route,
 --       6+3i+3 allowed tiers ",a,b," or ""
--- Reply: one entry per charge, in order: {allowed, reason, used, included, reset_s, tier,
---   period_start, overage_units, retry_ms}, or an error for that charge alone
+-- Reply: one entry per charge, in order: {reason, used, included, reset_s, tier, period_start,
+--   overage_units}, a refusal adding retry_ms; or an error for that charge alone. tier is
+--   the rules' row in the tier table, counted from 0. All integers, and no more of them
+--   than the gateway reads: it parses one reply per request.
 --   cost 0 (a free route restricted to some tiers) only checks the tier
 --   reason: 0 ok, 1 quota exhausted, 2 overage cap reached, 3 rate limited, 4 tier not allowed
 
@@ -24,6 +26,7 @@ local daily_ttl, grace = tonumber(ARGV[5]), tonumber(ARGV[6])
 
 -- The table's row for one tier, found by a plain search (no pattern scan of every row)
 -- the first time the call needs that tier, then kept: a call carries a batch of charges.
+-- Its position (the separators before it) is what the reply names the tier by.
 local tiers = ';' .. ARGV[2] .. ';'
 local rules = {}
 local function tier_rules(name)
@@ -35,13 +38,26 @@ local function tier_rules(name)
       local inc, ov, cap, interval, burst =
           string.match(tiers, '^(%d+),(%d),(%-?%d+),(%d+),(%d+);', at + #name + 2)
       if inc then
-        r = {tonumber(inc), ov == '1', tonumber(cap), tonumber(interval), tonumber(burst)}
+        local row, sep = 0, string.find(tiers, ';', 2, true)
+        while sep and sep <= at do
+          row = row + 1
+          sep = string.find(tiers, ';', sep + 1, true)
+        end
+        r = {tonumber(inc), ov == '1', tonumber(cap), tonumber(interval), tonumber(burst), row}
       end
     end
     rules[name] = r
   end
   if not r then return nil end
-  return r[1], r[2], r[3], r[4], r[5]
+  return r[1], r[2], r[3], r[4], r[5], r[6]
+end
+
+local function answer(reason, used, included, reset, row, pstart, overage)
+  return {reason, used, included, reset, row, pstart, overage}
+end
+
+local function refuse(reason, used, included, reset, row, pstart, retry_ms)
+  return {reason, used, included, reset, row, pstart, 0, retry_ms}
 end
 
 -- One charge: its keys, cost, route and allowed tiers.
@@ -82,7 +98,7 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
     end
   end
 
-  local included, overage_ok, cap, interval, burst = tier_rules(tier)
+  local included, overage_ok, cap, interval, burst, row = tier_rules(tier)
   if not included then
     return redis.error_reply('tier table has no ' .. tier)
   end
@@ -93,12 +109,12 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
   local used = same_period and (tonumber(usage[2]) or 0) or 0
 
   if allowed ~= '' and not string.find(allowed, ',' .. tier .. ',', 1, true) then
-    return {0, 4, used, included, reset, tier, pstart, 0, 0}
+    return refuse(4, used, included, reset, row, pstart, 0)
   end
   if cost == 0 then
     -- A free route restricted to some tiers: only the tier check applies; nothing is
     -- counted, and a used-up quota does not close a route that costs nothing.
-    return {1, 0, used, included, reset, tier, pstart, 0, 0}
+    return answer(0, used, included, reset, row, pstart, 0)
   end
 
   -- GCRA: at most `burst` requests at once, then one per interval. The arrival time is kept
@@ -112,7 +128,7 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
     new_tat = tat + interval
     local allow_at = new_tat - burst * interval
     if now_ms < allow_at then
-      return {0, 3, used, included, reset, tier, pstart, 0, math.ceil(allow_at - now_ms)}
+      return refuse(3, used, included, reset, row, pstart, math.ceil(allow_at - now_ms))
     end
   end
 
@@ -121,10 +137,10 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
   if new_used > included then
     overage = math.min(cost, new_used - included)
     if not overage_ok then
-      return {0, 1, used, included, reset, tier, pstart, 0, reset * 1000}
+      return refuse(1, used, included, reset, row, pstart, reset * 1000)
     end
     if cap >= 0 and new_used - included > cap then
-      return {0, 2, used, included, reset, tier, pstart, 0, reset * 1000}
+      return refuse(2, used, included, reset, row, pstart, reset * 1000)
     end
   end
 
@@ -161,7 +177,7 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
   if redis.call('HINCRBY', daily_key, route, cost) == cost then
     redis.call('EXPIRE', daily_key, daily_ttl)
   end
-  return {1, 0, new_used, included, reset, tier, pstart, overage, 0}
+  return answer(0, new_used, included, reset, row, pstart, overage)
 end
 
 local replies = {}

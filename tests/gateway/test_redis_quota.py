@@ -17,6 +17,7 @@ from gateway import keys, redis_quota
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
+from gateway.quota import Reason
 from gateway.redis_client import create_redis
 from gateway.redis_quota import RedisQuotaStore
 from tests.conftest import TEST_DB, Clock, load_test_config, replace_section
@@ -289,3 +290,35 @@ async def test_closing_refunds_a_charge_cancelled_in_flight_and_skips_one_cancel
     daily = await redis_client.hgetall(keys.daily_key(account, "2026-09-21"))
     assert daily == {b"/signals": b"1"}
     assert _abandoned("refunded") == refunded + 1  # the one in flight only
+
+
+_TIERS = ("free", "starter", "pro", "enterprise")
+
+
+def test_a_reply_is_read_field_by_field() -> None:
+    allowed = redis_quota._decision([0, 12, 10000, 86400, 2, 1790000000, 2], "2026-09-21", _TIERS)
+    assert (allowed.allowed, allowed.reason, allowed.tier) == (True, Reason.OK, "pro")
+    assert (allowed.used, allowed.included, allowed.reset_seconds) == (12, 10000, 86400)
+    assert (allowed.period_start, allowed.overage, allowed.retry_after_ms) == (1790000000, 2, 0)
+    assert allowed.day == "2026-09-21"
+    # A refusal adds when to retry; a lapsed period's reset can be negative.
+    refused = redis_quota._decision([3, 5, 100, -7, 0, 1790000000, 0, 250], "", _TIERS)
+    assert (refused.allowed, refused.reason, refused.tier) == (False, Reason.RATE_LIMITED, "free")
+    assert (refused.reset_seconds, refused.retry_after_ms) == (-7, 250)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        [],
+        [0, 12, 10000, 86400, 2, 1790000000],  # a field short
+        [0, 12, 10000, 86400, 2, 1790000000, 2, 0, 9],  # one too many
+        [0, 12, 10000, 86400, 7, 1790000000, 2],  # no such tier row
+        [-1, 12, 10000, 86400, 2, 1790000000, 2],  # no such reason
+        [9, 12, 10000, 86400, 2, 1790000000, 2],
+        [0, 12, 10000, 86400, -1, 1790000000, 2],
+    ],
+)
+def test_a_reply_of_another_shape_raises(reply: list[object]) -> None:
+    with pytest.raises((TypeError, ValueError, IndexError)):
+        redis_quota._decision(reply, "", _TIERS)
