@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from enum import IntEnum
-from typing import Protocol
-
-import msgspec
+from typing import Protocol, final
 
 
 class Reason(IntEnum):
@@ -20,19 +18,54 @@ class Reason(IntEnum):
     TIER_NOT_ALLOWED = 4
 
 
-class Decision(msgspec.Struct, frozen=True, array_like=True):
-    """The outcome of one charge; also what a later refund needs to undo it exactly."""
+@final
+class Decision:
+    """The outcome of one charge; also what a later refund needs to undo it exactly.
 
-    allowed: bool
-    reason: Reason
-    used: int  # units used this period, after this charge when allowed
-    included: int  # units the applied tier includes
-    reset_seconds: int  # until the period ends
-    tier: str  # the tier whose rules applied (free for a lapsed plan)
-    period_start: int
-    overage: int  # units of this charge beyond the included ones
-    retry_after_ms: int
-    day: str = ""  # the analytics day the units were counted on
+    A plain class in a compiled module (gateway/compiled.py): one is made for every metered
+    request, and the compiled proxy reads its fields directly, where a msgspec.Struct's
+    went through attribute lookup by name. Never changed once made."""
+
+    __slots__ = (
+        "allowed",
+        "day",
+        "included",
+        "overage",
+        "period_start",
+        "reason",
+        "reset_seconds",
+        "retry_after_ms",
+        "tier",
+        "used",
+    )
+
+    def __init__(
+        self,
+        allowed: bool,
+        reason: Reason,
+        used: int,
+        included: int,
+        reset_seconds: int,
+        tier: str,
+        period_start: int,
+        overage: int,
+        retry_after_ms: int,
+        day: str = "",
+    ) -> None:
+        self.allowed = allowed
+        self.reason = reason
+        self.used = used  # units used this period, after this charge when allowed
+        self.included = included  # units the applied tier includes
+        self.reset_seconds = reset_seconds  # until the period ends
+        self.tier = tier  # the tier whose rules applied (free for a lapsed plan)
+        self.period_start = period_start
+        self.overage = overage  # units of this charge beyond the included ones
+        self.retry_after_ms = retry_after_ms
+        self.day = day  # the analytics day the units were counted on
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
+        return f"Decision({fields})"
 
 
 class QuotaStore(Protocol):
