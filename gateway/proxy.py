@@ -126,6 +126,8 @@ class Proxy:
         # The X-Metergate-* lines by account, tier and cost, encoded and checked once.
         self._header_lines: dict[str, bytes] = {}
         self._tier_lines: dict[str, bytes] = {}
+        # The RateLimit-Policy line by tier: the same for a tier's whole period.
+        self._policy_lines: dict[str, tuple[int, int, bytes]] = {}
         self._units_lines = {
             r.cost: hdr.header_line(_UNITS, str(r.cost)) for r in self._table.routes
         }
@@ -425,6 +427,15 @@ class Proxy:
                 await refund("cancelled")
             raise cancelled
 
+    def _ratelimit_lines(self, decision: Decision, now: float) -> bytes:
+        """The two fields as header lines, for the backend's answer."""
+        quota, window, remaining, reset = _ratelimit_numbers(decision, now)
+        known = self._policy_lines.get(decision.tier)
+        if known is None or known[0] != quota or known[1] != window:
+            line = f"RateLimit-Policy: {_policy(quota, window)}\r\n".encode()
+            known = self._policy_lines[decision.tier] = (quota, window, line)
+        return known[2] + f"RateLimit: {_state(remaining, reset)}\r\n".encode()
+
     async def _relay(
         self,
         request: Request,
@@ -439,7 +450,7 @@ class Proxy:
             # The gateway's quota fields replace any the backend sent under those names.
             headers = hdr.client_response_head(
                 upstream_resp.raw_headers,
-                _ratelimit_lines(decision, self._clock()),
+                self._ratelimit_lines(decision, self._clock()),
                 replace=_RATELIMIT_NAMES,
             )
         else:
@@ -537,14 +548,6 @@ def _policy(quota: int, window: int) -> str:
 
 def _state(remaining: int, reset: int) -> str:
     return f'"monthly";r={remaining};t={reset}'
-
-
-def _ratelimit_lines(decision: Decision, now: float) -> bytes:
-    """The two fields as header lines, for the backend's answer."""
-    quota, window, remaining, reset = _ratelimit_numbers(decision, now)
-    return (
-        f"RateLimit-Policy: {_policy(quota, window)}\r\nRateLimit: {_state(remaining, reset)}\r\n"
-    ).encode()
 
 
 def _ratelimit_headers(decision: Decision, now: float) -> dict[str, str]:
