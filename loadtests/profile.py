@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -26,14 +25,8 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import redis
-
 from gateway import compiled
-from gateway.auth import issue_token
-from gateway.embedded_redis import EmbeddedRedis
-from loadtests import systems, wrk
-from loadtests.bench import BENCH_PATHS, write_plans
-from loadtests.procs import Child, free_port, wait_http
+from loadtests import harness, systems, wrk
 
 # Inclusive time of these frames says where a request's CPU goes, step by step.
 _STEPS = {
@@ -82,33 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="metergate-profile-") as tmp:
         work = Path(tmp)
         raw = Path(args.out) if args.out else work / "profile.raw"
-        with EmbeddedRedis(work / "redis", persistent=False) as server:
-            backend_port = free_port()
-            backend = Child(
-                "backend",
-                [sys.executable, "-m", "loadtests.backend", str(backend_port)],
-                work,
-                cwd=systems.ROOT,
-            )
+        with harness.stage(work) as (env, script):
+            system = systems.metergate(args.workers)
+            if args.no_metering:
+                system = replace(system, metering=False)
+            child, port = systems.start(system, env)
+            assert child is not None
             try:
-                wait_http(backend_port, "/__bench/stats")
-                env = systems.Environment(backend_port, server.url, secrets.token_hex(32), work)
-                accounts = [f"profile-{i}" for i in range(8)]
-                write_plans(redis.Redis.from_url(server.url), accounts)
-                script = work / "profile.lua"
-                tokens = [issue_token(env.secret, a, ttl=3600) for a in accounts]
-                wrk.write_script(script, BENCH_PATHS, tokens)
-                system = systems.metergate(args.workers)
-                if args.no_metering:
-                    system = replace(system, metering=False)
-                child, port = systems.start(system, env)
-                assert child is not None
-                try:
-                    rate = _record(pyspy, wrk_bin, child.pid, port, script, raw, args)
-                finally:
-                    child.stop()
+                rate = _record(pyspy, wrk_bin, child.pid, port, script, raw, args)
             finally:
-                backend.stop()
+                child.stop()
         # py-spy samples the process only while it runs, so samples / rate / requests is
         # CPU per request, comparable between two profiles (metering on and off, say).
         print(f"{rate:,.0f} requests/s under load")

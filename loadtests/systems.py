@@ -22,6 +22,8 @@ class System:
     workers: int = 1
     label: str = ""
     redis_tls: bool = False  # metergate's Redis over TLS (rediss://)
+    # A command metergate runs under (valgrind, for loadtests.instructions): it starts slower.
+    wrapper: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,9 @@ def start(system: System, env: Environment) -> tuple[Child | None, int]:
     else:
         child = _metergate(system, env, port)
     try:
-        wait_http(port, "/healthz" if system.kind == "metergate" else "/")
+        wait_http(
+            port, "/healthz" if system.kind == "metergate" else "/", 120 if system.wrapper else 20
+        )
         child.check_alive()
     except (TimeoutError, RuntimeError) as exc:
         child.stop()
@@ -130,7 +134,7 @@ def _metergate(system: System, env: Environment, port: int) -> Child:
     }
     child_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     binary = Path(sys.executable).parent / "metergate"
-    argv = [str(binary) if binary.exists() else "metergate", "gateway"]
+    argv = [*system.wrapper, str(binary) if binary.exists() else "metergate", "gateway"]
     return Child(system.name, argv, env.work_dir, env=child_env, cwd=ROOT)
 
 
