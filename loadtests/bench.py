@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import re
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -43,15 +42,14 @@ import redis
 from config.load import load_config
 from gateway import compiled, keys
 from gateway.auth import issue_token
-from gateway.embedded_redis import EmbeddedRedis, self_signed_tls
+from gateway.embedded_redis import self_signed_tls
 from gateway.routing import PricedRoute, RouteTable
-from loadtests import systems, wrk
-from loadtests.procs import Child, cpu_seconds, free_port, pin, wait_http
+from loadtests import harness, systems, wrk
+from loadtests.harness import BENCH_PATHS, write_plans
+from loadtests.procs import Child, cpu_seconds, pin
 from loadtests.report import Result, evaluate_targets, median_result, render, scaling_rows
 from loadtests.systems import Environment, System
 
-# One request of each priced route in turn; the backend answers all of them alike.
-BENCH_PATHS = ("/signals", "/signals/history/AAPL", "/export/csv", "/export/pdf")
 _SETTLE_S = 0.4  # for requests in flight when wrk stops to finish before counting
 
 
@@ -101,53 +99,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         work.chmod(0o755)  # nginx's worker runs as another user and reads its paths here
         # TLS only when a system asks for it: a redis-server may be built without it.
         tls = self_signed_tls(work / "tls") if any(s.redis_tls for s in chosen) else None
-        with EmbeddedRedis(work / "redis", persistent=False, tls=tls) as server:
-            backend_port = free_port()
-            backend = Child(
-                "backend",
-                [sys.executable, "-m", "loadtests.backend", str(backend_port)],
-                work,
-                cwd=systems.ROOT,
-            )
-            try:
-                wait_http(backend_port, "/__bench/stats")
-                env = Environment(
-                    backend_port,
-                    server.url,
-                    secrets.token_hex(32),
-                    work,
-                    redis_tls_url=server.tls_url() if tls is not None else "",
-                )
-                client = redis.Redis.from_url(server.url)
-                bench = _Bench(args, env, client, backend, routes, wrk_bin)
-                rounds: dict[str, list[Result]] = {s.name: [] for s in chosen}
-                failed: list[str] = []
-                # Round after round through all systems, so a slow spell of a shared
-                # machine touches every system alike, and the median drops one-off runs.
-                for round_no in range(1, args.rounds + 1):
-                    for index, system in enumerate(chosen, 1):
-                        if system.name in failed:
-                            continue
-                        print(
-                            f"[round {round_no}/{args.rounds}] [{index}/{len(chosen)}] "
-                            f"{system.name}: {system.label}",
-                            file=sys.stderr,
-                        )
-                        try:
-                            rounds[system.name].append(bench.measure(system, round_no))
-                        except RuntimeError as exc:
-                            # One system that cannot start must not cost the others' figures.
-                            print(f"bench: {system.name} skipped: {exc}", file=sys.stderr)
-                            failed.append(system.name)
-                # A system that failed in a later round is reported as skipped, not as
-                # the median of the rounds it managed.
-                results = [
-                    median_result(runs)
-                    for name, runs in rounds.items()
-                    if runs and name not in failed
-                ]
-            finally:
-                backend.stop()
+        with harness.services(work, tls) as (env, backend):
+            client = redis.Redis.from_url(env.redis_url)
+            bench = _Bench(args, env, client, backend, routes, wrk_bin)
+            rounds: dict[str, list[Result]] = {s.name: [] for s in chosen}
+            failed: list[str] = []
+            # Round after round through all systems, so a slow spell of a shared
+            # machine touches every system alike, and the median drops one-off runs.
+            for round_no in range(1, args.rounds + 1):
+                for index, system in enumerate(chosen, 1):
+                    if system.name in failed:
+                        continue
+                    print(
+                        f"[round {round_no}/{args.rounds}] [{index}/{len(chosen)}] "
+                        f"{system.name}: {system.label}",
+                        file=sys.stderr,
+                    )
+                    try:
+                        rounds[system.name].append(bench.measure(system, round_no))
+                    except RuntimeError as exc:
+                        # One system that cannot start must not cost the others' figures.
+                        print(f"bench: {system.name} skipped: {exc}", file=sys.stderr)
+                        failed.append(system.name)
+            # A system that failed in a later round is reported as skipped, not as
+            # the median of the rounds it managed.
+            results = [
+                median_result(runs) for name, runs in rounds.items() if runs and name not in failed
+            ]
 
     machine = _machine(wrk_bin)
     targets = evaluate_targets(results, args.connections)
@@ -352,24 +330,6 @@ class _Bench:
             problems=problems,
             loadavg=loadavg,
         )
-
-
-def write_plans(client: redis.Redis, accounts: Sequence[str]) -> None:
-    """Enterprise, active, a period around now: overage keeps every request allowed."""
-    now = int(time.time())
-    pipe = client.pipeline(transaction=False)
-    for account in accounts:
-        pipe.hset(
-            keys.plan_key(account),
-            mapping={
-                "tier": "enterprise",
-                "status": "active",
-                "period_start": now - 86400,
-                "period_end": now + 30 * 86400,
-                "updated_at": now,
-            },
-        )
-    pipe.execute()
 
 
 def _served(before: Snapshot, after: Snapshot) -> dict[str, int]:

@@ -236,12 +236,21 @@ async def test_cancel_at_once(
     assert st["has_subscription"] is False
 
 
+async def renewed_at_stripe(
+    admin: TestServer, stripe_double: StripeDouble, redis_client: redis.Redis
+) -> dict[str, str]:
+    """acct-1 subscribed to pro, then renewed at Stripe (its events not yet delivered); the
+    plan as it was before the renewal."""
+    body = await subscribe_and_apply(admin, stripe_double)
+    before = await plan(redis_client)
+    stripe_double.advance_period(body["subscription"]["id"])
+    return before
+
+
 async def test_an_event_met_by_a_stripe_outage_waits_for_stripe(
     admin: TestServer, stripe_double: StripeDouble, redis_client: redis.Redis
 ) -> None:
-    body = await subscribe_and_apply(admin, stripe_double)
-    before = await plan(redis_client)
-    stripe_double.advance_period(body["subscription"]["id"])  # renewed at Stripe
+    before = await renewed_at_stripe(admin, stripe_double, redis_client)
     stripe_double.down = "500"  # the consumer cannot read the subscription as it is now
     assert all(s == 200 for s in await stripe_double.deliver())
     await consumer(admin).drain()
@@ -282,9 +291,7 @@ async def test_an_event_waits_for_a_billing_change_in_progress_then_reads_its_ou
 async def test_an_event_met_by_a_long_billing_change_waits_and_is_not_dead_lettered(
     admin: TestServer, stripe_double: StripeDouble, redis_client: redis.Redis
 ) -> None:
-    body = await subscribe_and_apply(admin, stripe_double)
-    before = await plan(redis_client)
-    stripe_double.advance_period(body["subscription"]["id"])  # renewed at Stripe
+    before = await renewed_at_stripe(admin, stripe_double, redis_client)
     assert all(s == 200 for s in await stripe_double.deliver())
     applier = consumer(admin)
     applier.lock_wait_seconds = 0.05
