@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError, RedisError, ResponseError, Timeout
 from admin import keys, metrics
 from admin.audit import AuditLog
 from admin.billing_backend import BillingBackend, BillingError, BillingUnavailable
-from admin.billing_lock import WAIT_SECONDS, BillingBusy, account_lock
+from admin.billing_lock import BillingBusy, account_lock
 from admin.customers import forget_customer
 from admin.events import (
     HANDLED,
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 SEEN_TTL_SECONDS = 30 * 86400  # longer than Stripe's three days of retries
 # An event that failed this many deliveries goes to the dead-letter stream.
 MAX_DELIVERIES = 5
+# How long an event waits for a billing change of its account in progress. Short: events
+# are applied one at a time, so the wait holds up every other account's; one that finds
+# the lock still held stays pending and is re-claimed later (claim_idle_ms).
+LOCK_WAIT_SECONDS = 2.0
 
 
 class Backlog(msgspec.Struct, frozen=True, kw_only=True):
@@ -73,7 +77,7 @@ class WebhookConsumer:
         claim_idle_ms: int = 60_000,
         batch: int = 64,
         max_deliveries: int = MAX_DELIVERIES,
-        lock_wait_seconds: float = WAIT_SECONDS,
+        lock_wait_seconds: float = LOCK_WAIT_SECONDS,
     ) -> None:
         self._redis = client
         self._plans = plans

@@ -124,12 +124,14 @@ def _proxy_ctx(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if failopen is not None:
-                await failopen.flush()
-            await store.aclose()
-            # Last: the requests drained and the late replies followed up, every tally is
-            # in; the timer that would write them dies with the loop.
-            metrics.flush()
+            try:
+                if failopen is not None:
+                    await failopen.flush()
+                await store.aclose()
+            finally:
+                # Last: the requests drained and the late replies followed up, every tally
+                # is in; the timer that would write them dies with the loop.
+                metrics.flush()
 
     return ctx
 

@@ -108,6 +108,7 @@ class _HistogramTally:
                 if count:
                     buckets[index].inc(count)
                     counts[index] = 0
+        if self._sum:  # also a sum left by a write that failed after the buckets
             self._histogram._sum.inc(self._sum)
             self._sum = 0.0
 

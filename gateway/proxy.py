@@ -126,7 +126,8 @@ class Proxy:
         # The X-Metergate-* lines by account, tier and cost, encoded and checked once.
         self._header_lines: dict[str, bytes] = {}
         self._tier_lines: dict[str, bytes] = {}
-        # The RateLimit-Policy line by tier: the same for a tier's whole period.
+        # The RateLimit-Policy line by tier, made again when its quota or window differs
+        # (another period length, or the second turning between the charge and the answer).
         self._policy_lines: dict[str, tuple[int, int, bytes]] = {}
         self._units_lines = {
             r.cost: hdr.header_line(_UNITS, str(r.cost)) for r in self._table.routes

@@ -44,7 +44,8 @@ from gateway.resp import bulk, header
 # allows it (redis://, rediss:// or unix://; RESP2; not a cluster); False sends everything
 # through redis-py.
 RAW_PIPELINE = True
-# Accounts whose encoded charge keys are kept; past it the cache starts over.
+# Accounts whose encoded charge keys are kept, and routes whose arguments are; past it
+# that cache starts over.
 _KEY_CACHE_SIZE = 4096
 # Batches in flight through redis-py at once. A cluster node's pool does not wait for a
 # free connection, it fails; each batch holds at most one connection per node, so this
@@ -172,10 +173,8 @@ class RedisQuotaStore:
         return future
 
     def _route_args(self, route: str, cost: int, allowed_tiers: str) -> bytes:
-        """A charge's own arguments (cost, route, allowed tiers), encoded once per route."""
-        known = self._routes.get(route)
-        if known is not None and known[0] == cost and known[1] == allowed_tiers:
-            return known[2]
+        """A charge's own arguments (cost, route, allowed tiers), encoded and kept for the
+        route (charge() looks there first)."""
         if len(self._routes) >= _KEY_CACHE_SIZE:
             self._routes.clear()
         args = bulk(cost) + bulk(route) + bulk(allowed_tiers)
@@ -206,7 +205,10 @@ class RedisQuotaStore:
             allowed_tiers,
         )
         replies = await self._call(self._charge_sha, self._charge_src, args)
-        return _decision(_only(replies), day, self._tier_names)
+        try:
+            return _decision(_only(replies), day, self._tier_names)
+        except (TypeError, ValueError, IndexError) as exc:  # a reply of another shape: a 503
+            raise QuotaStoreUnavailable(f"redis answered {replies!r:.200}: {exc!r}") from None
 
     def _charge_call(
         self, charges: Sequence[_Charge], now: float

@@ -57,7 +57,8 @@ def stage(work: Path, accounts: int = 8) -> Iterator[tuple[systems.Environment, 
     """services(), with plans for ``accounts`` accounts and the wrk script that loads them."""
     with services(work) as (env, _):
         names = [f"load-{i}" for i in range(accounts)]
-        write_plans(redis.Redis.from_url(env.redis_url), names)
+        with redis.Redis.from_url(env.redis_url) as client:
+            write_plans(client, names)
         script = work / "load.lua"
         wrk.write_script(script, BENCH_PATHS, [issue_token(env.secret, a, ttl=3600) for a in names])
         yield env, script

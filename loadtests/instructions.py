@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                     child.stop()
                 counted = instructions(work, out.name)
                 if args.keep:
+                    Path(args.keep).mkdir(parents=True, exist_ok=True)
                     for path in work.glob(f"{out.name}.*"):
                         shutil.copy(path, Path(args.keep) / path.name)
                 rows.append((name, result.requests, counted / max(result.requests, 1)))
@@ -86,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     print("| system | requests | instructions/request |\n|---|---:|---:|")
     for name, requests, per_request in rows:
         print(f"| {name} | {requests:,} | {per_request:,.0f} |")
-    if len(rows) == 2 and rows[0][2]:
-        print(f"\nmetering adds {rows[1][2] / rows[0][2] - 1:+.1%} instructions per request")
+    counts = {name: per_request for name, _, per_request in rows}
+    if counts.get("metergate-off") and "metergate-1w" in counts:
+        added = counts["metergate-1w"] / counts["metergate-off"] - 1
+        print(f"\nmetering adds {added:+.1%} instructions per request")
     return 0
 
 

@@ -7,7 +7,8 @@
 --       rate limiter's state), 3i+3 daily-by-route hash (all with the account's {hash tag}:
 --       one charge per call on Redis Cluster, whose calls must keep to one slot)
 -- Each command a script calls costs Redis about a microsecond and Redis serves every
--- worker, so a charge reads the usage hash once and writes it once: 4 commands in all.
+-- worker, so a charge reads the usage hash once and writes it once: 4 commands, but for a
+-- new period's first charge and a day's first on a route.
 -- ARGV: 1 now (ms)   2 tier table "name,included,overage(0|1),cap(-1=none),interval_us,burst;..."
 --       3 calendar month start (s)   4 calendar month end (s)   5 daily TTL (s)
 --       6 past_due grace (s); then 3 per charge i: 6+3i+1 cost, 6+3i+2 route,

@@ -6,6 +6,7 @@ suite's own, whose data the test checks through its plain port."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -19,7 +20,9 @@ from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
 from gateway.quota import Reason
 from gateway.redis_client import create_redis
+from gateway.redis_pipe import Script
 from gateway.redis_quota import RedisQuotaStore
+from gateway.resp import bulk
 from tests.conftest import TEST_DB, Clock, load_test_config, replace_section
 
 StoreFactory = Callable[..., RedisQuotaStore]
@@ -110,6 +113,22 @@ async def test_a_charge_that_fails_in_redis_fails_alone(
         assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
     assert await redis_client.get(keys.usage_key("acct-broken")) == b"not a hash"
     assert await redis_client.exists(keys.daily_key("acct-broken", "2026-09-21")) == 0
+
+
+@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
+async def test_a_reply_of_another_shape_fails_its_charge_as_unavailable(
+    raw_pipeline: bool, monkeypatch: pytest.MonkeyPatch, make_store: StoreFactory
+) -> None:
+    """A 503 (or fail-open), never a 500: as from a script of another version."""
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
+    store = make_store()
+    source = b"local r = {} for i = 1, #KEYS / 3 do r[i] = {0, 1} end return r"
+    sha = hashlib.sha1(source).hexdigest()
+    store._charge_src, store._charge_sha = source, sha
+    store._charge_script = Script(source, sha)
+    store._charge_head = bulk("EVALSHA") + bulk(sha)
+    with pytest.raises(QuotaStoreUnavailable, match="redis answered"):
+        await store.charge("acct-shape", "/signals", 1)
 
 
 async def test_a_burst_is_one_write_of_several_script_calls_decided_in_order(
