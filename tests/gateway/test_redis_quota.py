@@ -89,14 +89,17 @@ async def _evalsha_calls(client: redis.Redis) -> int:
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
+@pytest.fixture(params=[True, False], ids=["raw-pipeline", "redis-py"])
+def either_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores made in the test send through the raw pipeline, or through redis-py (as on a
+    cluster)."""
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", request.param)
+
+
+@pytest.mark.usefixtures("either_path")
 async def test_a_charge_that_fails_in_redis_fails_alone(
-    raw_pipeline: bool,
-    monkeypatch: pytest.MonkeyPatch,
-    make_store: StoreFactory,
-    redis_client: redis.Redis,
+    make_store: StoreFactory, redis_client: redis.Redis
 ) -> None:
-    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
     # Not a hash: the script's HMGET of this usage key fails (WRONGTYPE) mid-batch.
     await redis_client.set(keys.usage_key("acct-broken"), "not a hash")
     store = make_store()
@@ -115,12 +118,11 @@ async def test_a_charge_that_fails_in_redis_fails_alone(
     assert await redis_client.exists(keys.daily_key("acct-broken", "2026-09-21")) == 0
 
 
-@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
+@pytest.mark.usefixtures("either_path")
 async def test_a_reply_of_another_shape_fails_its_charge_as_unavailable(
-    raw_pipeline: bool, monkeypatch: pytest.MonkeyPatch, make_store: StoreFactory
+    make_store: StoreFactory,
 ) -> None:
     """A 503 (or fail-open), never a 500: as from a script of another version."""
-    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
     store = make_store()
     source = b"local r = {} for i = 1, #KEYS / 3 do r[i] = {0, 1} end return r"
     sha = hashlib.sha1(source).hexdigest()
@@ -150,12 +152,11 @@ async def test_a_burst_is_one_write_of_several_script_calls_decided_in_order(
     assert await redis_client.hget(keys.usage_key("acct-burst"), "used") == str(included).encode()
 
 
-@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
+@pytest.mark.usefixtures("either_path")
 async def test_an_account_that_cannot_be_encoded_fails_alone_and_nothing_waits_forever(
-    raw_pipeline: bool, monkeypatch: pytest.MonkeyPatch, make_store: StoreFactory
+    make_store: StoreFactory,
 ) -> None:
     # The verifier refuses such a sub; the store must not strand a batch on one anyway.
-    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
     store = make_store()
     async with asyncio.timeout(5):
         first, bad, last = await asyncio.gather(
