@@ -159,15 +159,16 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
   else
     -- A new period. Overage of the old one not yet reported to Stripe is carried aside, so
     -- the usage reporter still bills it (admin/lua/claim_usage_report.lua) after rollover.
-    local old = redis.call('HMGET', usage_key, 'period_start', 'period_end', 'overage',
-                           'reported', 'reported_period')
-    if old[1] then
-      local old_overage = tonumber(old[3]) or 0
-      local old_reported = (old[5] == old[1]) and (tonumber(old[4]) or 0) or 0
+    -- The old period's start and overage are in the read above; the rest is read here.
+    local old_start = usage[1]
+    if old_start then
+      local old = redis.call('HMGET', usage_key, 'period_end', 'reported', 'reported_period')
+      local old_overage = tonumber(usage[3]) or 0
+      local old_reported = (old[3] == old_start) and (tonumber(old[2]) or 0) or 0
       if old_overage > old_reported then
-        redis.call('HSET', usage_key, 'carry_period_start', old[1], 'carry_overage', old_overage,
-                   'carry_reported', old_reported)
-        if old[2] then redis.call('HSET', usage_key, 'carry_period_end', old[2]) end
+        redis.call('HSET', usage_key, 'carry_period_start', old_start, 'carry_overage',
+                   old_overage, 'carry_reported', old_reported)
+        if old[1] then redis.call('HSET', usage_key, 'carry_period_end', old[1]) end
       end
     end
     redis.call('HSET', usage_key, 'period_start', pstart, 'period_end', pend, 'overage', overage,
