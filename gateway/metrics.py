@@ -8,8 +8,8 @@ The per-request metrics (requests, latency, units) and the charge batch sizes ar
 tallied in plain ints and written to the Prometheus metrics at most FLUSH_SECONDS after
 the first tally: each write to a shared file costs about 1.5 µs (3 µs for a histogram
 observation), which was 6 µs a request with several workers, and writing once per
-event-loop iteration still cost about 1 µs a request under load, where an iteration
-serves a few requests. A scrape writes this process's tallies first, and another
+event-loop iteration still showed in a profile under load, where an iteration serves
+a few requests. A scrape writes this process's tallies first, and another
 worker's are at most FLUSH_SECONDS behind; a worker that stops writes its tallies as it
 stops (gateway.app).
 """
