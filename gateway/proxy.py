@@ -22,7 +22,8 @@ from gateway.errors import AuthError, BadPath, ClientGone, QuotaStoreUnavailable
 from gateway.failopen import FailOpenLedger
 from gateway.front import Request
 from gateway.headers import UnsafeHeader
-from gateway.quota import Decision, QuotaStore, Reason
+from gateway.quota import Decision, Reason
+from gateway.redis_quota import RedisQuotaStore
 from gateway.routing import MethodNotAllowed, PricedRoute, RouteTable, canonicalize
 from gateway.upstream import (
     BodyCut,
@@ -100,7 +101,9 @@ class Proxy:
         self,
         config: Config,
         verifier: TokenVerifier,
-        store: QuotaStore | None,
+        # The class, not a protocol: both modules are compiled, so the charge on every
+        # metered request is a native call rather than a method looked up by name.
+        store: RedisQuotaStore | None,
         pools: dict[str, UpstreamPool],
         *,
         failopen: FailOpenLedger | None = None,
@@ -435,7 +438,8 @@ class Proxy:
         if known is None or known[0] != quota or known[1] != window:
             line = f"RateLimit-Policy: {_policy(quota, window)}\r\n".encode()
             known = self._policy_lines[decision.tier] = (quota, window, line)
-        return known[2] + f"RateLimit: {_state(remaining, reset)}\r\n".encode()
+        # One f-string for the line, not _state() within another: this runs per answer.
+        return known[2] + f'RateLimit: "monthly";r={remaining};t={reset}\r\n'.encode()
 
     async def _relay(
         self,

@@ -1,13 +1,9 @@
-"""What a quota store does: charge a request's units, or refund them.
-
-Route pricing and the proxy only know this contract; ``gateway.redis_quota`` implements it.
-"""
+"""What a charge decides: allowed or refused, and why (``gateway.redis_quota`` decides)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from enum import IntEnum
-from typing import Protocol, final
+from typing import final
 
 
 class Reason(IntEnum):
@@ -66,20 +62,3 @@ class Decision:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"Decision({fields})"
-
-
-class QuotaStore(Protocol):
-    def charge(
-        self, account: str, route: str, cost: int, allowed_tiers: str = ""
-    ) -> Awaitable[Decision]:
-        """Atomically decide and charge ``cost`` units; raise QuotaStoreUnavailable.
-
-        An awaitable rather than a coroutine: on the hot path it is the future the batch
-        settles, awaited without a coroutine frame around it."""
-        ...
-
-    async def refund(self, account: str, route: str, cost: int, decision: Decision) -> int:
-        """Give back the units of an allowed charge; returns the units refunded."""
-        ...
-
-    async def ping(self) -> bool: ...
