@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, final
 
 import hiredis
 import msgspec
@@ -91,9 +91,16 @@ class _Call:
         self.sha, self.source, self.args, self.future = sha, source, args, future
 
 
-# A charge waiting for the next batch: the account, its route's encoded arguments and the
-# future its decision settles. A plain tuple: one is made per metered request.
-_Charge = tuple[str, bytes, "asyncio.Future[Decision]"]
+@final
+class _Charge:
+    """A charge waiting for the next batch: the account, its route's encoded arguments and
+    the future its decision settles. A native class, not a tuple: the compiled module
+    would unbox a typed tuple on every read from a list and box it again on every append."""
+
+    __slots__ = ("account", "future", "route_args")
+
+    def __init__(self, account: str, route_args: bytes, future: asyncio.Future[Decision]) -> None:
+        self.account, self.route_args, self.future = account, route_args, future
 
 
 class RedisQuotaStore:
@@ -151,6 +158,10 @@ class RedisQuotaStore:
     def charge(
         self, account: str, route: str, cost: int, allowed_tiers: str = ""
     ) -> Awaitable[Decision]:
+        """Atomically decide and charge ``cost`` units; raises QuotaStoreUnavailable.
+
+        An awaitable rather than a coroutine: on the hot path it is the future the batch
+        settles, awaited without a coroutine frame around it."""
         if self._pipe is None:
             return self._charge_one(account, route, cost, allowed_tiers)
         loop = self._loop
@@ -163,7 +174,7 @@ class RedisQuotaStore:
             route_args = known[2]
         else:
             route_args = self._route_args(route, cost, allowed_tiers)
-        charge = (account, route_args, future)
+        charge = _Charge(account, route_args, future)
         if not self._coalesce:
             self._write([[charge]])
         else:
@@ -210,9 +221,7 @@ class RedisQuotaStore:
         except (TypeError, ValueError, IndexError) as exc:  # a reply of another shape: a 503
             raise QuotaStoreUnavailable(f"redis answered {replies!r:.200}: {exc!r}") from None
 
-    def _charge_call(
-        self, charges: Sequence[_Charge], now: float
-    ) -> tuple[bytes, str, list[_Charge]]:
+    def _charge_call(self, charges: list[_Charge], now: float) -> tuple[bytes, str, list[_Charge]]:
         """One EVALSHA of charge.lua carrying ``charges``, the day their units count on, and
         the charges it carries: one whose keys cannot be encoded fails alone, here."""
         month, day = self._periods.month_and_day(now)
@@ -222,16 +231,16 @@ class RedisQuotaStore:
         carried: list[_Charge] = []
         key_parts: list[bytes] = []
         for charge in charges:
-            if charge[2].done():  # its caller went away before the write: not charged
+            if charge.future.done():  # its caller went away before the write: not charged
                 continue
-            account = charge[0]
+            account = charge.account
             account_keys = accounts.get(account)
             if account_keys is None or account_keys[0] != day:
                 try:
                     encoded = b"".join([bulk(k) for k in keys.account_keys(account, day)])
                 except UnicodeEncodeError as exc:
                     error = QuotaStoreUnavailable(f"account not encodable: {exc}")
-                    charge[2].set_exception(error)
+                    charge.future.set_exception(error)
                     continue
                 if len(accounts) >= _KEY_CACHE_SIZE:
                     accounts.clear()
@@ -242,7 +251,7 @@ class RedisQuotaStore:
         nkeys = keys.CHARGE_KEYS * n
         head = header(3 + nkeys + 6 + 3 * n) + self._charge_head + bulk(nkeys)
         shared = bulk(int(now * 1000)) + self._month[1] + self._settings
-        payload = b"".join([head, *key_parts, shared, *[args for _, args, _ in carried]])
+        payload = b"".join([head, *key_parts, shared, *[c.route_args for c in carried]])
         return payload, day, carried
 
     def _flush_pipe(self) -> None:
@@ -298,9 +307,9 @@ class RedisQuotaStore:
             # One line per script call, not per charge: a Redis that hangs can leave a
             # whole connection's worth of calls unanswered at once.
             units: Counter[tuple[str, str]] = Counter()
-            for account, route_args, _ in charges:
-                route, cost = _route_and_cost(route_args)
-                units[(account, route)] += cost
+            for charge in charges:
+                route, cost = _route_and_cost(charge.route_args)
+                units[(charge.account, route)] += cost
             metrics.ABANDONED.labels("unknown").inc(len(charges))
             log.warning(
                 "no reply from Redis to %d timed-out charges; they may have been applied "
@@ -315,8 +324,8 @@ class RedisQuotaStore:
             decision = _decision(reply, day, self._tier_names)
         except Exception:  # an error reply, or another shape: nothing was charged
             decision = None
-        account, route_args, _ = charge
-        route, cost = _route_and_cost(route_args)
+        account = charge.account
+        route, cost = _route_and_cost(charge.route_args)
         if decision is None or not decision.allowed or not cost:
             metrics.ABANDONED.labels("not_charged").inc()
             return
@@ -535,13 +544,13 @@ def _settle_charges(
                 message = f"redis answered {len(charges)} charges with {result!r:.200}"
                 error = QuotaStoreUnavailable(message)
     if error is not None:
-        for _, _, future in charges:
-            if not future.done():  # done: the caller went away
-                future.set_exception(error)
+        for charge in charges:
+            if not charge.future.done():  # done: the caller went away
+                charge.future.set_exception(error)
         return
     for index in range(len(charges)):  # indexed, not zipped: no iterator objects per batch
         charge, reply = charges[index], replies[index]
-        future = charge[2]
+        future = charge.future
         if future.done():  # cancelled: the request will not be forwarded
             try:
                 abandoned(charge, reply, day)
@@ -573,7 +582,7 @@ def _route_and_cost(route_args: bytes) -> tuple[str, int]:
 
 def _fail_all(segments: Iterable[list[_Charge] | Call], error: QuotaStoreUnavailable) -> None:
     for segment in segments:
-        futures = [segment.future] if isinstance(segment, Call) else [c[2] for c in segment]
+        futures = [segment.future] if isinstance(segment, Call) else [c.future for c in segment]
         for future in futures:
             if future is not None and not future.done():
                 future.set_exception(error)
