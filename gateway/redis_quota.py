@@ -484,6 +484,9 @@ class RedisQuotaStore:
         while True:
             if self._pipe is not None:
                 await self._pipe.settled()
+                # A reply is followed up by its batch future's callback, which runs one loop
+                # pass after the reply was read: let it run and start the refund it owes.
+                await asyncio.sleep(0)
             if not self._late_refunds:
                 break
             await asyncio.wait(self._late_refunds)

@@ -245,6 +245,26 @@ async def test_a_charge_whose_caller_went_away_is_refunded(
     assert _abandoned("refunded") == refunded + 1
 
 
+async def test_a_charge_whose_caller_goes_away_while_redis_runs_it_is_refunded(
+    make_store: StoreFactory, redis_client: redis.Redis
+) -> None:
+    store = make_store()
+    account = "acct-gone-in-flight"
+    assert (await store.charge(account, "/signals", 1)).used == 1  # connected
+    refunded = _abandoned("refunded")
+    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 300_000))
+    await asyncio.sleep(0.1)  # Redis is held
+    gone = asyncio.ensure_future(store.charge(account, "/signals", 2))
+    await asyncio.sleep(0.05)  # sent, not yet run
+    gone.cancel()  # as a shutdown cancels its handler
+    await hold  # Redis runs it once released
+    async with asyncio.timeout(5):
+        await store.aclose()
+    # Counted once the refund is applied: checked before anything else may run.
+    assert _abandoned("refunded") == refunded + 1
+    assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
+
+
 async def test_a_denied_charge_answered_late_is_not_refunded(
     make_store: StoreFactory, redis_client: redis.Redis, clock: Clock
 ) -> None:
