@@ -27,14 +27,26 @@ def is_cluster_url(url: str) -> bool:
     return url.startswith(CLUSTER_SCHEMES)
 
 
-def create_client(url: str, *, timeout: float, max_connections: int = 64) -> RedisClient:
-    """A cluster client for a ``+cluster`` URL, else a plain one (see create_redis)."""
+def create_client(
+    url: str, *, timeout: float, max_connections: int = 64, read_timeout: float | None = None
+) -> RedisClient:
+    """A cluster client for a ``+cluster`` URL, else a plain one (see create_redis).
+
+    ``read_timeout`` (default: ``timeout``) bounds the wait for a reply to a command sent;
+    the quota store gives its callers their 503 after ``timeout`` and reads on, to follow
+    up a charge Redis applies late."""
     if is_cluster_url(url):
-        return create_cluster(url, timeout=timeout, max_connections=max_connections)
-    return create_redis(url, timeout=timeout, max_connections=max_connections)
+        return create_cluster(
+            url, timeout=timeout, max_connections=max_connections, read_timeout=read_timeout
+        )
+    return create_redis(
+        url, timeout=timeout, max_connections=max_connections, read_timeout=read_timeout
+    )
 
 
-def create_redis(url: str, *, timeout: float, max_connections: int = 64) -> redis.Redis:
+def create_redis(
+    url: str, *, timeout: float, max_connections: int = 64, read_timeout: float | None = None
+) -> redis.Redis:
     # No retries: a charge resent after a dropped connection could be applied twice, and a
     # caller waiting on retries would not get its fast 503. Timeouts bound every wait.
     # A blocking pool: a burst wider than the pool waits (within the same timeout) for a
@@ -44,7 +56,7 @@ def create_redis(url: str, *, timeout: float, max_connections: int = 64) -> redi
         url,
         max_connections=max_connections,
         timeout=timeout,
-        socket_timeout=timeout,
+        socket_timeout=timeout if read_timeout is None else read_timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
@@ -52,7 +64,9 @@ def create_redis(url: str, *, timeout: float, max_connections: int = 64) -> redi
     return redis.Redis.from_pool(pool)
 
 
-def create_cluster(url: str, *, timeout: float, max_connections: int = 64) -> RedisCluster:
+def create_cluster(
+    url: str, *, timeout: float, max_connections: int = 64, read_timeout: float | None = None
+) -> RedisCluster:
     # The client-level retry (0 attempts) is the one that would re-send a command after a
     # connection error or a cluster-down reply; off, for the same reason as create_redis.
     # MOVED and ASK are still followed: a redirected command was not executed. Node
@@ -65,7 +79,7 @@ def create_cluster(url: str, *, timeout: float, max_connections: int = 64) -> Re
         url.replace("+cluster", "", 1),
         max_connections=max_connections,
         reinitialize_steps=0,
-        socket_timeout=timeout,
+        socket_timeout=timeout if read_timeout is None else read_timeout,
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,

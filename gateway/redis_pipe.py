@@ -192,7 +192,7 @@ class _Connection(asyncio.Protocol):
                     # Nobody waits for it (a timeout, or the caller went away); a NOSCRIPT
                     # is not retried then: the call did not run, which is all to tell.
                     if call.late is not None:
-                        _tell(call, reply)
+                        tell(call.late, reply)
                     continue
                 if type(reply) is hiredis.ReplyError:
                     if (
@@ -248,7 +248,7 @@ class _Connection(asyncio.Protocol):
             # Written, never answered: Redis may or may not have run them.
             for call in waiting:
                 if call.late is not None:
-                    _tell(call, LOST)
+                    tell(call.late, LOST)
         finally:
             self._set_idle()
             if not self.ended.done():
@@ -268,11 +268,10 @@ class _Connection(asyncio.Protocol):
             self.ended.set_result(None)
 
 
-def _tell(call: Call, reply: Any) -> None:
+def tell(late: Callable[[Any], None], reply: Any) -> None:
     """A late hook's failure is logged, and does not keep the other calls from theirs."""
-    assert call.late is not None
     try:
-        call.late(reply)
+        late(reply)
     except Exception:
         log.exception("a late Redis reply's hook failed")
 

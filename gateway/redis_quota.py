@@ -37,7 +37,7 @@ from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import PeriodClock
 from gateway.quota import Decision, Reason
 from gateway.redis_client import REDIS_ERRORS, OutageLog, RedisClient
-from gateway.redis_pipe import Call, RedisPipe, Script, supports
+from gateway.redis_pipe import LATE_REPLY_WINDOW, LOST, Call, RedisPipe, Script, supports, tell
 from gateway.resp import bulk, header
 
 # The raw pipeline (gateway.redis_pipe) carries charges and refunds when the client's URL
@@ -83,12 +83,21 @@ def tier_table(config: Config) -> str:
 
 
 class _Call:
-    __slots__ = ("args", "future", "sha", "source")
+    """A script call through redis-py. ``late``, when set, is told the reply of a call
+    whose caller stopped waiting (timed out, or cancelled), or LOST when none came."""
+
+    __slots__ = ("args", "future", "late", "sha", "source")
 
     def __init__(
-        self, sha: str, source: bytes, args: Sequence[Any], future: asyncio.Future[Any]
+        self,
+        sha: str,
+        source: bytes,
+        args: Sequence[Any],
+        future: asyncio.Future[Any],
+        late: Callable[[Any], None] | None = None,
     ) -> None:
         self.sha, self.source, self.args, self.future = sha, source, args, future
+        self.late = late
 
 
 @final
@@ -215,7 +224,8 @@ class RedisQuotaStore:
             route,
             allowed_tiers,
         )
-        replies = await self._call(self._charge_sha, self._charge_src, args)
+        late = functools.partial(self._late_one, account, route, cost, day)
+        replies = await self._call(self._charge_sha, self._charge_src, args, late)
         try:
             return _decision(_only(replies), day, self._tier_names)
         except (TypeError, ValueError, IndexError) as exc:  # a reply of another shape: a 503
@@ -304,28 +314,45 @@ class RedisQuotaStore:
         elif type(replies) is hiredis.ReplyError:  # the script did not run
             metrics.ABANDONED.labels("not_charged").inc(len(charges))
         else:
-            # One line per script call, not per charge: a Redis that hangs can leave a
-            # whole connection's worth of calls unanswered at once.
-            units: Counter[tuple[str, str]] = Counter()
-            for charge in charges:
-                route, cost = _route_and_cost(charge.route_args)
-                units[(charge.account, route)] += cost
-            metrics.ABANDONED.labels("unknown").inc(len(charges))
-            log.warning(
-                "no reply from Redis to %d timed-out charges; they may have been applied "
-                "(units by account and route): %s",
-                len(charges),
-                _json([[account, route, n] for (account, route), n in units.items()]).decode(),
-            )
+            self._unknown([(c.account, *_route_and_cost(c.route_args)) for c in charges])
+
+    def _late_one(self, account: str, route: str, cost: int, day: str, replies: Any) -> None:
+        """Through redis-py: a charge answered after its caller had its 503 or went away,
+        or never (LOST)."""
+        if replies is LOST:
+            self._unknown([(account, route, cost)])
+            return
+        try:
+            reply = _only(replies)
+        except QuotaStoreUnavailable:  # an error reply (NOSCRIPT too): it did not run
+            reply = None
+        self._follow_up(account, route, cost, reply, day)
+
+    def _unknown(self, charges: list[tuple[str, str, int]]) -> None:
+        """Charges whose connection ended before their replies: applied, or not."""
+        # One line per script call, not per charge: a Redis that hangs can leave a whole
+        # connection's worth of calls unanswered at once.
+        units: Counter[tuple[str, str]] = Counter()
+        for account, route, cost in charges:
+            units[(account, route)] += cost
+        metrics.ABANDONED.labels("unknown").inc(len(charges))
+        log.warning(
+            "no reply from Redis to %d timed-out charges; they may have been applied "
+            "(units by account and route): %s",
+            len(charges),
+            _json([[account, route, n] for (account, route), n in units.items()]).decode(),
+        )
 
     def _abandoned(self, charge: _Charge, reply: Any, day: str) -> None:
+        route, cost = _route_and_cost(charge.route_args)
+        self._follow_up(charge.account, route, cost, reply, day)
+
+    def _follow_up(self, account: str, route: str, cost: int, reply: Any, day: str) -> None:
         """A decision nobody acts on: units it charged are given back."""
         try:
             decision = _decision(reply, day, self._tier_names)
         except Exception:  # an error reply, or another shape: nothing was charged
             decision = None
-        account = charge.account
-        route, cost = _route_and_cost(charge.route_args)
         if decision is None or not decision.allowed or not cost:
             metrics.ABANDONED.labels("not_charged").inc()
             return
@@ -402,10 +429,16 @@ class RedisQuotaStore:
             self._write([call])
         return future
 
-    async def _call(self, sha: str, source: bytes, args: Sequence[Any]) -> Any:
+    async def _call(
+        self,
+        sha: str,
+        source: bytes,
+        args: Sequence[Any],
+        late: Callable[[Any], None] | None = None,
+    ) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        call = _Call(sha, source, args, future)
+        call = _Call(sha, source, args, future, late)
         if self._coalesce:
             if not self._pending:
                 loop.call_soon(self._flush)
@@ -426,26 +459,44 @@ class RedisQuotaStore:
     async def _send(self, batch: list[_Call]) -> None:
         if self._on_batch is not None:
             self._on_batch(len(batch))
+        # The callers get their 503 when the timeout passes, but a call already sent is not
+        # cut off: it runs on until its reply (the client reads LATE_REPLY_WINDOW longer,
+        # app.py), so a charge Redis applied late is known and refunded, as on the pipe.
+        timer = asyncio.get_running_loop().call_later(self._timeout, _time_out, batch)
+        sent: list[_Call] = []
         try:
-            async with asyncio.timeout(self._timeout), self._slots:
+            async with asyncio.timeout(self._timeout + LATE_REPLY_WINDOW), self._slots:
+                # A caller that stopped waiting for a slot (its 503, or gone) is not sent.
+                batch = [c for c in batch if not c.future.done()]
+                if not batch:
+                    return
                 if isinstance(self._redis, RedisCluster):
                     # Learn the slot map first (a no-op once known): before it, redis-py
                     # sends a script to any node and each MOVED costs a round trip.
                     await self._redis.initialize()
+                sent = batch
                 results = await self._execute(batch)
                 self._outage.ok()
-                retry = [c for c, r in zip(batch, results, strict=True) if _noscript(r)]
+                retry = [
+                    c
+                    for c, r in zip(batch, results, strict=True)
+                    if _noscript(r) and not c.future.done()
+                ]
                 # Settle what ran before reloading: those charges are applied, so a failure
                 # of the reload must not turn them into 503s the customer still pays for.
-                _settle((c, r) for c, r in zip(batch, results, strict=True) if not _noscript(r))
+                # A NOSCRIPT whose caller is gone did not run: its late hook is told so.
+                _settle((c, r) for c, r in zip(batch, results, strict=True) if c not in retry)
                 if retry:
                     # Not executed (the script cache was flushed, or a new server): load
                     # the scripts and run exactly those calls again. A cluster client
                     # sends SCRIPT LOAD to every primary, so the node that answered
                     # NOSCRIPT has it too.
+                    sent = []
                     for source in {c.source for c in retry}:
                         await self._redis.script_load(source)
+                    sent = retry
                     _settle(zip(retry, await self._execute(retry), strict=True))
+                sent = []
         except Exception as exc:
             # Whatever the client raises fails the waiting calls: one left unsettled would
             # hold its request forever. Only the expected kinds go unlogged.
@@ -453,10 +504,13 @@ class RedisQuotaStore:
                 self._outage.failed(exc)
             else:
                 log.error("redis client failed: %r", exc, exc_info=exc)
-            error = QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}")
-            for call in batch:
-                if not call.future.done():
-                    call.future.set_exception(error)
+            _fail(batch, QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}"))
+            # Sent, and no reply read: Redis may or may not have run them.
+            for call in sent:
+                if call.late is not None and call.future.done():
+                    tell(call.late, LOST)
+        finally:
+            timer.cancel()
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         if len(batch) == 1:
@@ -602,12 +656,24 @@ def _only(replies: Any) -> Any:
 
 def _settle(outcomes: Iterable[tuple[_Call, Any]]) -> None:
     for call, result in outcomes:
-        if call.future.done():  # the caller went away
+        if call.future.done():  # the caller timed out or went away: a late reply
+            if call.late is not None:
+                tell(call.late, result)
             continue
         if isinstance(result, Exception):
             call.future.set_exception(QuotaStoreUnavailable(f"redis error: {result}"))
         else:
             call.future.set_result(result)
+
+
+def _fail(calls: Iterable[_Call], error: QuotaStoreUnavailable) -> None:
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(error)
+
+
+def _time_out(calls: Iterable[_Call]) -> None:
+    _fail(calls, QuotaStoreUnavailable("redis unavailable: TimeoutError"))
 
 
 def _noscript(result: object) -> bool:

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import REGISTRY
 
 from config.load import ConfigError, validate
-from gateway import keys
+from gateway import keys, redis_quota
 from gateway.embedded_redis import EmbeddedRedis
 from tests.conftest import auth, echo, load_test_config, replace_section
 
@@ -128,9 +128,17 @@ async def test_redis_down_answers_503_fast_and_recovers_without_restart(
     assert int(await private_client.hget(keys.usage_key("acct-down"), "used")) == 1
 
 
+@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
 async def test_redis_that_hangs_answers_503_within_a_second(
-    backend, private_redis: PrivateRedis, private_client: redis.Redis, start_gateway
+    backend,
+    private_redis: PrivateRedis,
+    private_client: redis.Redis,
+    start_gateway,
+    raw_pipeline: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # Through redis-py as on a cluster, too: its client reads on past the 503 (app.py).
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
     upstream_url, seen = backend
     gateway = await start_gateway(load_test_config(upstream_url), url=private_redis.url)
     signals = gateway.make_url("/signals")

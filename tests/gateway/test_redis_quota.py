@@ -208,6 +208,7 @@ async def test_a_caller_gone_before_the_write_costs_its_batch_nothing(
     assert decision.allowed and decision.used == 1
 
 
+@pytest.mark.usefixtures("either_path")
 async def test_a_charge_redis_answers_after_its_timeout_is_refunded(
     make_store: StoreFactory, redis_client: redis.Redis
 ) -> None:
@@ -245,6 +246,7 @@ async def test_a_charge_whose_caller_went_away_is_refunded(
     assert _abandoned("refunded") == refunded + 1
 
 
+@pytest.mark.usefixtures("either_path")
 async def test_a_charge_whose_caller_goes_away_while_redis_runs_it_is_refunded(
     make_store: StoreFactory, redis_client: redis.Redis
 ) -> None:
@@ -265,6 +267,39 @@ async def test_a_charge_whose_caller_goes_away_while_redis_runs_it_is_refunded(
     assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
 
 
+async def test_a_charge_through_redis_py_never_answered_is_counted_and_logged_with_its_units(
+    urls: tuple[str, str],
+    redis_client: redis.Redis,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client stops reading before Redis answers: applied or not, nobody can tell, so
+    the account and units are logged for reconciliation, as the raw pipeline does."""
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", False)
+    client = create_redis(urls[0], timeout=0.2, read_timeout=0.5)
+    config = replace_section(
+        load_test_config("http://127.0.0.1:9"), metering={"redis_timeout_seconds": 0.2}
+    )
+    store = RedisQuotaStore(client, config, clock=clock)
+    account = "acct-unanswered"
+    try:
+        assert (await store.charge(account, "/signals", 1)).used == 1  # connected
+        unknown = _abandoned("unknown")
+        hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 900_000))
+        await asyncio.sleep(0.1)  # Redis is held
+        with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
+            await store.charge(account, "/signals", 2)  # the 503 comes at 0.2 s ...
+        async with asyncio.timeout(5):
+            await store.aclose()  # ... and the client gives up reading at 0.5 s
+        assert _abandoned("unknown") == unknown + 1
+        assert f'[["{account}","/signals",2]]' in caplog.text
+        await hold
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.usefixtures("either_path")
 async def test_a_denied_charge_answered_late_is_not_refunded(
     make_store: StoreFactory, redis_client: redis.Redis, clock: Clock
 ) -> None:
@@ -288,6 +323,7 @@ async def test_a_denied_charge_answered_late_is_not_refunded(
     assert _abandoned("not_charged") == not_charged + 1
 
 
+@pytest.mark.usefixtures("either_path")
 async def test_closing_waits_for_a_late_reply_and_its_refund(
     make_store: StoreFactory, redis_client: redis.Redis
 ) -> None:
