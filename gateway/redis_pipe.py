@@ -27,7 +27,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeGuard, cast
+from typing import Any, Protocol, TypeGuard, cast
 
 import hiredis
 import redis.asyncio as redis
@@ -69,6 +69,17 @@ class Script:
     sha: str
 
 
+class Waiter(Protocol):
+    """What a call's outcome is handed to: an asyncio.Future, or an object that acts on it
+    at once (the quota store's charge batches, settled as their reply is read)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 class Call:
     """One command of a batch; ``script`` is set for EVALSHA (reloaded on NOSCRIPT).
 
@@ -80,7 +91,7 @@ class Call:
 
     def __init__(
         self,
-        future: asyncio.Future[Any] | None,
+        future: Waiter | None,
         payload: bytes,
         script: Script | None = None,
         late: Callable[[Any], None] | None = None,

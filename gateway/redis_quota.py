@@ -176,7 +176,7 @@ class RedisQuotaStore:
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
-        # Settled with its Decision by _settle_charges when the batch's reply comes.
+        # Settled with its Decision by its _Batch when the batch's reply comes.
         future: asyncio.Future[Decision] = loop.create_future()
         known = self._routes.get(route)
         if known is not None and known[0] == cost and known[1] == allowed_tiers:
@@ -288,13 +288,8 @@ class RedisQuotaStore:
                 for at in range(0, len(segment), _MAX_BATCH):
                     payload, day, batch = self._charge_call(segment[at : at + _MAX_BATCH], now)
                     if batch:
-                        future = self._loop.create_future()
-                        settle = functools.partial(
-                            _settle_charges, batch, day, self._tier_names, self._abandoned
-                        )
-                        future.add_done_callback(settle)
-                        late = functools.partial(self._late_batch, batch, day)
-                        calls.append(Call(future, payload, self._charge_script, late))
+                        waiter = _Batch(self, batch, day)
+                        calls.append(Call(waiter, payload, self._charge_script, waiter.late))
                         count += len(batch)
         except Exception as exc:
             log.error("encoding a Redis batch failed: %r", exc, exc_info=exc)
@@ -538,9 +533,6 @@ class RedisQuotaStore:
         while True:
             if self._pipe is not None:
                 await self._pipe.settled()
-                # A reply is followed up by its batch future's callback, which runs one loop
-                # pass after the reply was read: let it run and start the refund it owes.
-                await asyncio.sleep(0)
             if not self._late_refunds:
                 break
             await asyncio.wait(self._late_refunds)
@@ -578,52 +570,62 @@ def _decision(reply: list[Any], day: str, tiers: tuple[str, ...]) -> Decision:
     )
 
 
-def _settle_charges(
-    charges: list[_Charge],
-    day: str,
-    tiers: tuple[str, ...],
-    abandoned: Callable[[_Charge, Any, str], None],
-    done: asyncio.Future[Any],
-) -> None:
-    """Hand each charge of a script call its own decision, or its own error; the reply of
-    a charge whose caller went away goes to ``abandoned``."""
-    error: BaseException | None = None
-    replies: list[Any] = []
-    if done.cancelled():
-        error = QuotaStoreUnavailable("redis unavailable: cancelled")
-    else:
-        error = done.exception()  # the pipe fails calls with QuotaStoreUnavailable
-        if error is None:
-            result = done.result()
-            if isinstance(result, list) and len(result) == len(charges):
-                replies = result
-            else:
-                message = f"redis answered {len(charges)} charges with {result!r:.200}"
-                error = QuotaStoreUnavailable(message)
-    if error is not None:
-        for charge in charges:
+@final
+class _Batch:
+    """The charges of one script call, handed each its decision as the call's reply is read
+    (a redis_pipe.Waiter): no future of its own, and no loop pass between the reply and
+    the requests it lets through."""
+
+    __slots__ = ("charges", "day", "settled", "store")
+
+    def __init__(self, store: RedisQuotaStore, charges: list[_Charge], day: str) -> None:
+        self.store, self.charges, self.day = store, charges, day
+        self.settled = False
+
+    def done(self) -> bool:
+        return self.settled
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        """The call failed (the pipe fails calls with QuotaStoreUnavailable)."""
+        self.settled = True
+        for charge in self.charges:
             if not charge.future.done():  # done: the caller went away
-                charge.future.set_exception(error)
-        return
-    for index in range(len(charges)):  # indexed, not zipped: no iterator objects per batch
-        charge, reply = charges[index], replies[index]
-        future = charge.future
-        if future.done():  # cancelled: the request will not be forwarded
+                charge.future.set_exception(exception)
+
+    def set_result(self, result: Any, /) -> None:
+        """Hand each charge its own decision, or its own error; the reply of a charge whose
+        caller went away is followed up."""
+        charges = self.charges
+        if not isinstance(result, list) or len(result) != len(charges):
+            message = f"redis answered {len(charges)} charges with {result!r:.200}"
+            self.set_exception(QuotaStoreUnavailable(message))
+            return
+        self.settled = True
+        replies: list[Any] = result
+        day, tiers = self.day, self.store._tier_names
+        for index in range(len(charges)):  # indexed, not zipped: no iterator objects
+            charge, reply = charges[index], replies[index]
+            future = charge.future
+            if future.done():  # cancelled: the request will not be forwarded
+                try:
+                    self.store._abandoned(charge, reply, day)
+                except Exception:  # logged; the batch's other charges are settled all the same
+                    log.exception("following up a charge whose caller went away failed")
+                continue
+            if type(reply) is not list:  # an error for this charge alone (a type check is
+                # cheaper than isinstance(reply, Exception) in the compiled module)
+                future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
+                continue
             try:
-                abandoned(charge, reply, day)
-            except Exception:  # logged; the batch's other charges are settled all the same
-                log.exception("following up a charge whose caller went away failed")
-            continue
-        if type(reply) is not list:  # an error for this charge alone (a type check is
-            # cheaper than isinstance(reply, Exception) in the compiled module)
-            future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
-            continue
-        try:
-            decision = _decision(reply, day, tiers)
-        except Exception as exc:  # a reply of another shape: this charge fails, not the rest
-            future.set_exception(QuotaStoreUnavailable(f"redis answered {reply!r:.200}: {exc!r}"))
-        else:
-            future.set_result(decision)
+                decision = _decision(reply, day, tiers)
+            except Exception as exc:  # another shape: this charge fails, not the rest
+                error = QuotaStoreUnavailable(f"redis answered {reply!r:.200}: {exc!r}")
+                future.set_exception(error)
+            else:
+                future.set_result(decision)
+
+    def late(self, replies: Any) -> None:
+        self.store._late_batch(self.charges, self.day, replies)
 
 
 _json = msgspec.json.Encoder().encode
