@@ -102,14 +102,23 @@ class _Call:
 
 @final
 class _Charge:
-    """A charge waiting for the next batch: the account, its route's encoded arguments and
-    the future its decision settles. A native class, not a tuple: the compiled module
-    would unbox a typed tuple on every read from a list and box it again on every append."""
+    """A charge waiting for the next batch: the account, the route, its cost and encoded
+    arguments, and the future its decision settles. A native class, not a tuple: the
+    compiled module would unbox a typed tuple on every read from a list and box it again
+    on every append."""
 
-    __slots__ = ("account", "future", "route_args")
+    __slots__ = ("account", "cost", "future", "route", "route_args")
 
-    def __init__(self, account: str, route_args: bytes, future: asyncio.Future[Decision]) -> None:
-        self.account, self.route_args, self.future = account, route_args, future
+    def __init__(
+        self,
+        account: str,
+        route: str,
+        cost: int,
+        route_args: bytes,
+        future: asyncio.Future[Decision],
+    ) -> None:
+        self.account, self.route, self.cost = account, route, cost
+        self.route_args, self.future = route_args, future
 
 
 class RedisQuotaStore:
@@ -124,7 +133,9 @@ class RedisQuotaStore:
         self._redis = client
         self._clock = clock
         self._tiers = tier_table(config)
-        self._tier_names = tuple(config.tiers)  # the table's rows, as replies name them
+        # The tier table's rows, as replies name them: each one's name and included units.
+        self._tier_names = tuple(config.tiers)
+        self._included = tuple(tier.included_units for tier in config.tiers.values())
         self._daily_ttl = config.billing.daily_usage_ttl_seconds
         self._grace = config.billing.past_due_grace_seconds
         self._timeout = config.metering.redis_timeout_seconds
@@ -183,7 +194,7 @@ class RedisQuotaStore:
             route_args = known[2]
         else:
             route_args = self._route_args(route, cost, allowed_tiers)
-        charge = _Charge(account, route_args, future)
+        charge = _Charge(account, route, cost, route_args, future)
         if not self._coalesce:
             self._write([[charge]])
         else:
@@ -226,10 +237,17 @@ class RedisQuotaStore:
         )
         late = functools.partial(self._late_one, account, route, cost, day)
         replies = await self._call(self._charge_sha, self._charge_src, args, late)
-        try:
-            return _decision(_only(replies), day, self._tier_names)
-        except (TypeError, ValueError, IndexError) as exc:  # a reply of another shape: a 503
-            raise QuotaStoreUnavailable(f"redis answered {replies!r:.200}: {exc!r}") from None
+        decision = self._read(replies, [cost], day)[0]
+        if isinstance(decision, QuotaStoreUnavailable):
+            raise decision
+        return decision
+
+    def _read(
+        self, replies: Any, costs: list[int], day: str
+    ) -> list[Decision | QuotaStoreUnavailable]:
+        """Each charge's decision, or its own error, from a script call's reply; raises
+        QuotaStoreUnavailable for a reply of another shape (as from another script)."""
+        return _read_reply(replies, costs, day, self._tier_names, self._included)
 
     def _charge_call(self, charges: list[_Charge], now: float) -> tuple[bytes, str, list[_Charge]]:
         """One EVALSHA of charge.lua carrying ``charges``, the day their units count on, and
@@ -301,15 +319,18 @@ class RedisQuotaStore:
         if self._on_batch is not None:
             self._on_batch(count)
 
-    def _late_batch(self, charges: Sequence[_Charge], day: str, replies: Any) -> None:
+    def _late_batch(self, charges: list[_Charge], day: str, replies: Any) -> None:
         """A script call answered after its callers had their 503, or never (LOST)."""
-        if isinstance(replies, list) and len(replies) == len(charges):
-            for charge, reply in zip(charges, replies, strict=True):
-                self._abandoned(charge, reply, day)
-        elif type(replies) is hiredis.ReplyError:  # the script did not run
+        if type(replies) is hiredis.ReplyError:  # the script did not run
             metrics.ABANDONED.labels("not_charged").inc(len(charges))
-        else:
-            self._unknown([(c.account, *_route_and_cost(c.route_args)) for c in charges])
+            return
+        try:
+            decisions = self._read(replies, [c.cost for c in charges], day)
+        except QuotaStoreUnavailable:  # LOST, or a reply that cannot be read
+            self._unknown([(c.account, c.route, c.cost) for c in charges])
+            return
+        for charge, decision in zip(charges, decisions, strict=True):
+            self._follow_up(charge.account, charge.route, charge.cost, decision)
 
     def _late_one(self, account: str, route: str, cost: int, day: str, replies: Any) -> None:
         """Through redis-py: a charge answered after its caller had its 503 or went away,
@@ -318,10 +339,10 @@ class RedisQuotaStore:
             self._unknown([(account, route, cost)])
             return
         try:
-            reply = _only(replies)
+            decision = self._read(replies, [cost], day)[0]
         except QuotaStoreUnavailable:  # an error reply (NOSCRIPT too): it did not run
-            reply = None
-        self._follow_up(account, route, cost, reply, day)
+            decision = None
+        self._follow_up(account, route, cost, decision)
 
     def _unknown(self, charges: list[tuple[str, str, int]]) -> None:
         """Charges whose connection ended before their replies: applied, or not."""
@@ -338,17 +359,16 @@ class RedisQuotaStore:
             _json([[account, route, n] for (account, route), n in units.items()]).decode(),
         )
 
-    def _abandoned(self, charge: _Charge, reply: Any, day: str) -> None:
-        route, cost = _route_and_cost(charge.route_args)
-        self._follow_up(charge.account, route, cost, reply, day)
-
-    def _follow_up(self, account: str, route: str, cost: int, reply: Any, day: str) -> None:
-        """A decision nobody acts on: units it charged are given back."""
-        try:
-            decision = _decision(reply, day, self._tier_names)
-        except Exception:  # an error reply, or another shape: nothing was charged
-            decision = None
-        if decision is None or not decision.allowed or not cost:
+    def _follow_up(
+        self,
+        account: str,
+        route: str,
+        cost: int,
+        decision: Decision | QuotaStoreUnavailable | None,
+    ) -> None:
+        """A decision nobody acts on: units it charged are given back. An error (the charge
+        failed in Redis) or None (the call did not run) charged nothing."""
+        if not isinstance(decision, Decision) or not decision.allowed or not cost:
             metrics.ABANDONED.labels("not_charged").inc()
             return
         task = asyncio.ensure_future(self._refund_abandoned(account, route, cost, decision))
@@ -544,30 +564,71 @@ _REASONS: Final = tuple(Reason)  # indexed by the script's reason code
 assert all(reason == code for code, reason in enumerate(_REASONS))
 
 
-def _decision(reply: list[Any], day: str, tiers: tuple[str, ...]) -> Decision:
-    """One charge's reply (charge.lua): {reason, used, included, reset_s, tier row,
-    period_start, overage[, retry_ms]}; ``tiers`` names the tier table's rows. Another shape
-    raises (TypeError, ValueError, IndexError): the callers fail that charge alone."""
+def _read_reply(
+    replies: Any,
+    costs: list[int],
+    day: str,
+    tiers: tuple[str, ...],
+    included: tuple[int, ...],
+) -> list[Decision | QuotaStoreUnavailable]:
+    """The decisions of charges costing ``costs``, from charge.lua's flat reply: per charge
+    code (reason + 8 x tier row), used, reset_s, period_start, a rate-limited refusal adding
+    retry_ms; or one error for that charge alone. ``tiers`` and ``included`` are the tier
+    table's rows (names and included units). Another shape raises QuotaStoreUnavailable,
+    for the whole call: past a misread entry, none of the others can be trusted."""
+    if not isinstance(replies, list):
+        raise QuotaStoreUnavailable(f"redis answered {len(costs)} charges with {replies!r:.200}")
     # Typed, not Any: the compiled module indexes and converts directly.
-    size = len(reply)
-    if size != 7 and size != 8:
-        raise ValueError(f"a charge's reply has {size} fields")
-    code: int = reply[0]
-    row: int = reply[4]
-    if code < 0 or row < 0:  # would count from the end of the tuples
-        raise ValueError(f"a charge's reply names no reason or tier: {reply!r:.200}")
-    return Decision(
-        code == 0,
-        _REASONS[code],
-        reply[1],
-        reply[2],
-        reply[3],
-        tiers[row],
-        reply[5],
-        reply[6],
-        reply[7] if size == 8 else 0,
-        day,
-    )
+    entries: list[Any] = replies
+    decisions: list[Decision | QuotaStoreUnavailable] = []
+    at = 0
+    try:
+        for cost in costs:
+            head = entries[at]
+            if type(head) is not int:
+                if not isinstance(head, Exception):
+                    raise TypeError(f"entry {at} is {head!r:.50}")
+                decisions.append(QuotaStoreUnavailable(f"redis error: {head}"))
+                at += 1
+                continue
+            code: int = head
+            reason, row = code & 7, code >> 3
+            if reason >= len(_REASONS) or row >= len(tiers) or code < 0:
+                raise ValueError(f"entry {at} names no reason or tier: {code}")
+            used: int = entries[at + 1]
+            reset: int = entries[at + 2]
+            period_start: int = entries[at + 3]
+            retry_ms = 0
+            if reason == 3:
+                retry_ms = entries[at + 4]
+                at += 5
+            else:
+                at += 4
+            units = included[row]
+            overage = 0
+            if reason == 0:  # the units of this charge beyond the included ones
+                beyond = used - units
+                overage = cost if beyond > cost else beyond if beyond > 0 else 0
+            decisions.append(
+                Decision(
+                    reason == 0,
+                    _REASONS[reason],
+                    used,
+                    units,
+                    reset,
+                    tiers[row],
+                    period_start,
+                    overage,
+                    retry_ms,
+                    day,
+                )
+            )
+        if at != len(entries):
+            raise ValueError(f"{len(entries) - at} entries more than {len(costs)} charges")
+    except (TypeError, ValueError, IndexError) as exc:
+        message = f"redis answered {len(costs)} charges with {replies!r:.200}: {exc}"
+        raise QuotaStoreUnavailable(message) from None
+    return decisions
 
 
 @final
@@ -596,33 +657,24 @@ class _Batch:
         """Hand each charge its own decision, or its own error; the reply of a charge whose
         caller went away is followed up."""
         charges = self.charges
-        if not isinstance(result, list) or len(result) != len(charges):
-            message = f"redis answered {len(charges)} charges with {result!r:.200}"
-            self.set_exception(QuotaStoreUnavailable(message))
+        try:
+            decisions = self.store._read(result, [c.cost for c in charges], self.day)
+        except QuotaStoreUnavailable as exc:
+            self.set_exception(exc)
             return
         self.settled = True
-        replies: list[Any] = result
-        day, tiers = self.day, self.store._tier_names
         for index in range(len(charges)):  # indexed, not zipped: no iterator objects
-            charge, reply = charges[index], replies[index]
+            charge, decision = charges[index], decisions[index]
             future = charge.future
             if future.done():  # cancelled: the request will not be forwarded
                 try:
-                    self.store._abandoned(charge, reply, day)
+                    self.store._follow_up(charge.account, charge.route, charge.cost, decision)
                 except Exception:  # logged; the batch's other charges are settled all the same
                     log.exception("following up a charge whose caller went away failed")
-                continue
-            if type(reply) is not list:  # an error for this charge alone (a type check is
-                # cheaper than isinstance(reply, Exception) in the compiled module)
-                future.set_exception(QuotaStoreUnavailable(f"redis error: {reply}"))
-                continue
-            try:
-                decision = _decision(reply, day, tiers)
-            except Exception as exc:  # another shape: this charge fails, not the rest
-                error = QuotaStoreUnavailable(f"redis answered {reply!r:.200}: {exc!r}")
-                future.set_exception(error)
-            else:
+            elif type(decision) is Decision:
                 future.set_result(decision)
+            else:
+                future.set_exception(decision)
 
     def late(self, replies: Any) -> None:
         self.store._late_batch(self.charges, self.day, replies)
@@ -631,29 +683,12 @@ class _Batch:
 _json = msgspec.json.Encoder().encode
 
 
-def _route_and_cost(route_args: bytes) -> tuple[str, int]:
-    """A charge's route and cost back from its encoded arguments (cost, route, tiers)."""
-    reader = hiredis.Reader()
-    reader.feed(b"*3\r\n" + route_args)
-    cost, route, _ = reader.gets()
-    return route.decode(), int(cost)
-
-
 def _fail_all(segments: Iterable[list[_Charge] | Call], error: QuotaStoreUnavailable) -> None:
     for segment in segments:
         futures = [segment.future] if isinstance(segment, Call) else [c.future for c in segment]
         for future in futures:
             if future is not None and not future.done():
                 future.set_exception(error)
-
-
-def _only(replies: Any) -> Any:
-    """The reply of a script call that carried one charge."""
-    if not isinstance(replies, list) or len(replies) != 1:
-        raise QuotaStoreUnavailable(f"redis answered one charge with {replies!r:.200}")
-    if isinstance(replies[0], Exception):
-        raise QuotaStoreUnavailable(f"redis error: {replies[0]}")
-    return replies[0]
 
 
 def _settle(outcomes: Iterable[tuple[_Call, Any]]) -> None:

@@ -81,7 +81,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             route.name,
             "",
         )
-        if reply[0][0] != 0:  # one reply per charge, led by its reason (0: allowed)
+        if reply[0] & 7 != 0:  # a flat reply led by its code: reason + 8 x tier (0: allowed)
             return web.json_response({"error": "quota_exceeded"}, status=429)
 
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}

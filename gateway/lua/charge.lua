@@ -13,10 +13,12 @@
 --       3 calendar month start (s)   4 calendar month end (s)   5 daily TTL (s)
 --       6 past_due grace (s); then 3 per charge i: 6+3i+1 cost, 6+3i+2 route,
 --       6+3i+3 allowed tiers ",a,b," or ""
--- Reply: one entry per charge, in order: {reason, used, included, reset_s, tier, period_start,
---   overage_units}, a refusal adding retry_ms; or an error for that charge alone. tier is
---   the rules' row in the tier table, counted from 0. All integers, and no more of them
---   than the gateway reads: it parses one reply per request.
+-- Reply: one flat list, the charges' entries in order. A charge's entry is 4 integers,
+--   code (reason + 8 x tier row), used, reset_s, period_start; a rate-limited refusal
+--   adds retry_ms; a charge that failed is one error instead. The row is the rules' in
+--   the tier table, counted from 0. Flat, and no more integers than the gateway needs:
+--   it parses one entry per request, and takes the included units (the row's) and the
+--   overage (the cost beyond them) from what it knows.
 --   cost 0 (a free route restricted to some tiers) only checks the tier
 --   reason: 0 ok, 1 quota exhausted, 2 overage cap reached, 3 rate limited, 4 tier not allowed
 
@@ -53,12 +55,12 @@ local function tier_rules(name)
   return r[1], r[2], r[3], r[4], r[5], r[6]
 end
 
-local function answer(reason, used, included, reset, row, pstart, overage)
-  return {reason, used, included, reset, row, pstart, overage}
+local function answer(reason, used, reset, row, pstart)
+  return {reason + 8 * row, used, reset, pstart}
 end
 
-local function refuse(reason, used, included, reset, row, pstart, retry_ms)
-  return {reason, used, included, reset, row, pstart, 0, retry_ms}
+local function rate_limited(used, reset, row, pstart, retry_ms)
+  return {3 + 8 * row, used, reset, pstart, retry_ms}
 end
 
 -- One charge: its keys, cost, route and allowed tiers.
@@ -110,12 +112,12 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
   local used = same_period and (tonumber(usage[2]) or 0) or 0
 
   if allowed ~= '' and not string.find(allowed, ',' .. tier .. ',', 1, true) then
-    return refuse(4, used, included, reset, row, pstart, 0)
+    return answer(4, used, reset, row, pstart)
   end
   if cost == 0 then
     -- A free route restricted to some tiers: only the tier check applies; nothing is
     -- counted, and a used-up quota does not close a route that costs nothing.
-    return answer(0, used, included, reset, row, pstart, 0)
+    return answer(0, used, reset, row, pstart)
   end
 
   -- GCRA: at most `burst` requests at once, then one per interval. The arrival time is kept
@@ -129,7 +131,7 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
     new_tat = tat + interval
     local allow_at = new_tat - burst * interval
     if now_ms < allow_at then
-      return refuse(3, used, included, reset, row, pstart, math.ceil(allow_at - now_ms))
+      return rate_limited(used, reset, row, pstart, math.ceil(allow_at - now_ms))
     end
   end
 
@@ -138,10 +140,10 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
   if new_used > included then
     overage = math.min(cost, new_used - included)
     if not overage_ok then
-      return refuse(1, used, included, reset, row, pstart, reset * 1000)
+      return answer(1, used, reset, row, pstart)
     end
     if cap >= 0 and new_used - included > cap then
-      return refuse(2, used, included, reset, row, pstart, reset * 1000)
+      return answer(2, used, reset, row, pstart)
     end
   end
 
@@ -179,19 +181,24 @@ local function charge(plan_key, usage_key, daily_key, cost, route, allowed)
   if redis.call('HINCRBY', daily_key, route, cost) == cost then
     redis.call('EXPIRE', daily_key, daily_ttl)
   end
-  return answer(0, new_used, included, reset, row, pstart, overage)
+  return answer(0, new_used, reset, row, pstart)
 end
 
-local replies = {}
+local replies, n = {}, 0
 for i = 0, #KEYS / 3 - 1 do
   local k, a = 3 * i, 6 + 3 * i
   -- A charge that fails (a key of the wrong type, say) answers an error for itself alone;
   -- the charges before it stay applied and those after it still run.
   local ok, reply = pcall(charge, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3],
                           tonumber(ARGV[a + 1]), ARGV[a + 2], ARGV[a + 3])
-  if not ok then
-    reply = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
+  if ok and reply.err == nil then
+    for j = 1, #reply do
+      replies[n + j] = reply[j]
+    end
+    n = n + #reply
+  else
+    n = n + 1
+    replies[n] = redis.error_reply(type(reply) == 'table' and reply.err or tostring(reply))
   end
-  replies[i + 1] = reply
 end
 return replies

@@ -456,7 +456,9 @@ async def test_a_batch_of_charges_is_encoded_exactly_as_redis_py_encodes_it() ->
     future = asyncio.get_running_loop().create_future()
     for _ in range(2):  # built, then from the caches
         batch = [
-            redis_quota._Charge(account, store._route_args(route, cost, allowed), future)
+            redis_quota._Charge(
+                account, route, cost, store._route_args(route, cost, allowed), future
+            )
             for account, route, cost, allowed in charges
         ]
         assert store._charge_call(batch, now) == (expected, day, batch)

@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import hiredis
 import pytest
 import redis.asyncio as redis
 from prometheus_client import REGISTRY
@@ -18,7 +19,7 @@ from gateway import keys, redis_quota
 from gateway.embedded_redis import EmbeddedRedis
 from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import calendar_month
-from gateway.quota import Reason
+from gateway.quota import Decision, Reason
 from gateway.redis_client import create_redis
 from gateway.redis_pipe import Script
 from gateway.redis_quota import RedisQuotaStore
@@ -369,32 +370,61 @@ async def test_closing_refunds_a_charge_cancelled_in_flight_and_skips_one_cancel
 
 
 _TIERS = ("free", "starter", "pro", "enterprise")
+_INCLUDED = (100, 10_000, 100_000, 1_000_000)
 
 
-def test_a_reply_is_read_field_by_field() -> None:
-    allowed = redis_quota._decision([0, 12, 10000, 86400, 2, 1790000000, 2], "2026-09-21", _TIERS)
+def _read(replies: object, costs: list[int], day: str = "") -> list[object]:
+    return list(redis_quota._read_reply(replies, costs, day, _TIERS, _INCLUDED))
+
+
+def test_a_reply_is_read_entry_by_entry() -> None:
+    pro, free, starter = 0 + 8 * 2, 3 + 8 * 0, 0 + 8 * 1
+    allowed, refused, error, other = _read(
+        [pro, 100_002, 86400, 1790000000, free, 5, -7, 1790000000, 250,
+         hiredis.ReplyError("WRONGTYPE"), starter, 12, 60, 1790000000],
+        [3, 1, 1, 2],
+        "2026-09-21",
+    )  # fmt: skip
+    assert isinstance(allowed, Decision) and isinstance(refused, Decision)
     assert (allowed.allowed, allowed.reason, allowed.tier) == (True, Reason.OK, "pro")
-    assert (allowed.used, allowed.included, allowed.reset_seconds) == (12, 10000, 86400)
+    assert (allowed.used, allowed.included, allowed.reset_seconds) == (100_002, 100_000, 86400)
+    # The units of the charge beyond the included ones: 2 of its 3.
     assert (allowed.period_start, allowed.overage, allowed.retry_after_ms) == (1790000000, 2, 0)
     assert allowed.day == "2026-09-21"
-    # A refusal adds when to retry; a lapsed period's reset can be negative.
-    refused = redis_quota._decision([3, 5, 100, -7, 0, 1790000000, 0, 250], "", _TIERS)
+    # A rate-limited refusal adds when to retry; a lapsed period's reset can be negative.
     assert (refused.allowed, refused.reason, refused.tier) == (False, Reason.RATE_LIMITED, "free")
-    assert (refused.reset_seconds, refused.retry_after_ms) == (-7, 250)
+    assert (refused.reset_seconds, refused.retry_after_ms, refused.overage) == (-7, 250, 0)
+    # An error is one entry, for its charge alone; the next charge reads on after it.
+    assert isinstance(error, QuotaStoreUnavailable) and "WRONGTYPE" in str(error)
+    assert isinstance(other, Decision)
+    assert (other.tier, other.used, other.overage) == ("starter", 12, 0)
+
+
+def test_overage_is_the_part_of_the_cost_beyond_the_included_units() -> None:
+    def overage(used: int, cost: int) -> int:
+        (decision,) = _read([8, used, 60, 1790000000], [cost])  # starter: 10,000 included
+        assert isinstance(decision, Decision)
+        return decision.overage
+
+    assert [overage(u, 5) for u in (9_999, 10_000, 10_003, 10_040)] == [0, 0, 3, 5]
 
 
 @pytest.mark.parametrize(
-    "reply",
+    "replies",
     [
-        [],
-        [0, 12, 10000, 86400, 2, 1790000000],  # a field short
-        [0, 12, 10000, 86400, 2, 1790000000, 2, 0, 9],  # one too many
-        [0, 12, 10000, 86400, 7, 1790000000, 2],  # no such tier row
-        [-1, 12, 10000, 86400, 2, 1790000000, 2],  # no such reason
-        [9, 12, 10000, 86400, 2, 1790000000, 2],
-        [0, 12, 10000, 86400, -1, 1790000000, 2],
+        [],  # a charge short
+        [0, 12, 86400],  # a field short
+        [0, 12, 86400, 1790000000, 0],  # one too many
+        [3, 12, 86400, 1790000000],  # a rate limit without its retry
+        [8 * 7, 12, 86400, 1790000000],  # no such tier row
+        [5, 12, 86400, 1790000000],  # no such reason
+        [-1, 12, 86400, 1790000000],
+        [[0, 12, 86400, 1790000000]],  # an entry of another script's shape
+        ["0", 12, 86400, 1790000000],
+        [0, "12", 86400, 1790000000],
+        "OK",
     ],
 )
-def test_a_reply_of_another_shape_raises(reply: list[object]) -> None:
-    with pytest.raises((TypeError, ValueError, IndexError)):
-        redis_quota._decision(reply, "", _TIERS)
+def test_a_reply_of_another_shape_raises(replies: object) -> None:
+    with pytest.raises(QuotaStoreUnavailable, match="redis answered 1 charges"):
+        _read(replies, [1])
