@@ -22,7 +22,7 @@ from gateway.front import Handler, Request
 from gateway.proxy import Proxy
 from gateway.redis_client import RedisClient, create_client
 from gateway.redis_pipe import LATE_REPLY_WINDOW
-from gateway.redis_quota import RedisQuotaStore
+from gateway.redis_quota import RedisQuotaStore, through_redis_py
 from gateway.server import Site
 from gateway.upstream import UpstreamPool
 
@@ -80,14 +80,15 @@ def create_app(settings: Settings, *, clock: Callable[[], float] = time.time) ->
 
 async def _redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    url = settings.redis_url or DEFAULT_REDIS_URL
     timeout = settings.config.metering.redis_timeout_seconds
-    # Read on past the timeout: a charge sent through redis-py (a cluster) whose caller got
-    # its 503 is still answered, and refunded if Redis applied it (redis_quota._send).
-    client = create_client(
-        settings.redis_url or DEFAULT_REDIS_URL,
-        timeout=timeout,
-        read_timeout=timeout + LATE_REPLY_WINDOW,
-    )
+    client = create_client(url, timeout=timeout)
+    if through_redis_py(client):
+        # Charges go through redis-py (a cluster): its client reads on past the timeout, so
+        # a charge whose caller got its 503 is still answered, and refunded if Redis
+        # applied it (redis_quota._send). The raw pipeline keeps its own late window.
+        await client.aclose()
+        client = create_client(url, timeout=timeout, read_timeout=timeout + LATE_REPLY_WINDOW)
     app[REDIS] = client
     yield
     await client.aclose()

@@ -29,7 +29,8 @@ from typing import Any, Final, final
 import hiredis
 import msgspec
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.connection import ConnectionPool
+from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 
 from config.model import Config
 from gateway import keys, metrics
@@ -37,7 +38,7 @@ from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import PeriodClock
 from gateway.quota import Decision, Reason
 from gateway.redis_client import REDIS_ERRORS, OutageLog, RedisClient
-from gateway.redis_pipe import LATE_REPLY_WINDOW, LOST, Call, RedisPipe, Script, supports, tell
+from gateway.redis_pipe import LOST, Call, RedisPipe, Script, supports, tell
 from gateway.resp import bulk, header
 
 # The raw pipeline (gateway.redis_pipe) carries charges and refunds when the client's URL
@@ -65,6 +66,13 @@ def _script(name: str) -> tuple[bytes, str]:
 
 def _evalsha(sha: str, numkeys: int, nargs: int) -> bytes:
     return header(3 + numkeys + nargs) + bulk("EVALSHA") + bulk(sha) + bulk(numkeys)
+
+
+def through_redis_py(client: RedisClient) -> bool:
+    """Whether charges on this client go through redis-py rather than the raw pipeline (a
+    cluster, RESP3, or RAW_PIPELINE off). Its client then has to read on past the timeout
+    (create_client's read_timeout), or late replies are lost to the follow-up."""
+    return not (RAW_PIPELINE and supports(client))
 
 
 def tier_table(config: Config) -> str:
@@ -98,6 +106,10 @@ class _Call:
     ) -> None:
         self.sha, self.source, self.args, self.future = sha, source, args, future
         self.late = late
+
+    def waited(self) -> bool:
+        """Whether its caller still waits for it."""
+        return not self.future.done()
 
 
 @final
@@ -477,85 +489,108 @@ class RedisQuotaStore:
         # The callers get their 503 when the timeout passes, but a call already sent is not
         # cut off: it runs on until its reply (the client reads LATE_REPLY_WINDOW longer,
         # app.py), so a charge Redis applied late is known and refunded, as on the pipe.
-        timer = asyncio.get_running_loop().call_later(self._timeout, _time_out, batch)
-        sent: list[_Call] = []
+        # Its slot is freed at that moment too: a connection that hangs must not hold up
+        # the next batches (they take another, or fail at once when there is none).
+        slots = self._slots
         try:
-            async with asyncio.timeout(self._timeout + LATE_REPLY_WINDOW), self._slots:
-                # A caller that stopped waiting for a slot (its 503, or gone) is not sent.
-                batch = [c for c in batch if not c.future.done()]
-                if not batch:
-                    return
-                if isinstance(self._redis, RedisCluster):
-                    # Learn the slot map first (a no-op once known): before it, redis-py
-                    # sends a script to any node and each MOVED costs a round trip.
-                    await self._redis.initialize()
-                sent = batch
-                results = await self._execute(batch)
+            async with asyncio.timeout(self._timeout):
+                await slots.acquire()
+        except TimeoutError:
+            _time_out(batch)
+            return
+        held = True
+
+        def deadline() -> None:
+            nonlocal held
+            _time_out(batch)
+            if held:
+                held = False
+                slots.release()
+
+        timer = asyncio.get_running_loop().call_later(self._timeout, deadline)
+        try:
+            # A caller that stopped waiting for a slot (its 503, or gone) is not sent.
+            batch = [c for c in batch if not c.future.done()]
+            if not batch:
+                return
+            if isinstance(self._redis, RedisCluster):
+                # Learn the slot map first (a no-op once known): before it, redis-py sends
+                # a script to any node and each MOVED costs a round trip.
+                await self._redis.initialize()
+            results = await self._execute(batch)
+            retry = [c for c, r in zip(batch, results, strict=True) if _noscript(r) and c.waited()]
+            # Settle what ran before reloading: those charges are applied, so a failure of
+            # the reload must not turn them into 503s the customer still pays for. A
+            # NOSCRIPT whose caller is gone did not run: its late hook is told so.
+            retried = {id(c) for c in retry}
+            _settle([(c, r) for c, r in zip(batch, results, strict=True) if id(c) not in retried])
+            if retry:
+                # Not executed (the script cache was flushed, or a new server): load the
+                # scripts and run exactly those calls again, those still waited for. A
+                # cluster client sends SCRIPT LOAD to every primary, so the node that
+                # answered NOSCRIPT has it too.
+                for source in {c.source for c in retry}:
+                    await self._redis.script_load(source)
+                again = [c for c in retry if c.waited()]
+                _settle([(c, NOT_RUN) for c in retry if not c.waited()])
+                if again:
+                    _settle(list(zip(again, await self._execute(again), strict=True)))
+            if any(r is LOST for r in results):
+                self._outage.failed(ConnectionError("a reply did not come"))
+            else:
                 self._outage.ok()
-                retry = [
-                    c
-                    for c, r in zip(batch, results, strict=True)
-                    if _noscript(r) and not c.future.done()
-                ]
-                # Settle what ran before reloading: those charges are applied, so a failure
-                # of the reload must not turn them into 503s the customer still pays for.
-                # A NOSCRIPT whose caller is gone did not run: its late hook is told so.
-                _settle((c, r) for c, r in zip(batch, results, strict=True) if c not in retry)
-                if retry:
-                    # Not executed (the script cache was flushed, or a new server): load
-                    # the scripts and run exactly those calls again. A cluster client
-                    # sends SCRIPT LOAD to every primary, so the node that answered
-                    # NOSCRIPT has it too.
-                    sent = []
-                    for source in {c.source for c in retry}:
-                        await self._redis.script_load(source)
-                    sent = retry
-                    _settle(zip(retry, await self._execute(retry), strict=True))
-                sent = []
         except Exception as exc:
-            # Whatever the client raises fails the waiting calls: one left unsettled would
-            # hold its request forever. Only the expected kinds go unlogged.
+            # Raised before anything was sent (_execute gives a call sent and not answered
+            # as LOST): the waiting calls fail; one left unsettled would hold its request
+            # forever. Only the expected kinds go unlogged.
             if isinstance(exc, REDIS_ERRORS):
                 self._outage.failed(exc)
             else:
                 log.error("redis client failed: %r", exc, exc_info=exc)
             _fail(batch, QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}"))
-            # Sent, and no reply read: Redis may or may not have run them.
-            for call in sent:
-                if call.late is not None and call.future.done():
-                    tell(call.late, LOST)
         finally:
             timer.cancel()
+            if held:
+                held = False
+                slots.release()
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
-        if len(batch) == 1:
-            call = batch[0]
-            try:
-                return [await self._redis.execute_command("EVALSHA", call.sha, *call.args)]
-            except NoScriptError as exc:
-                return [exc]
+        """Each call's reply, Redis's error reply, or LOST for a call sent whose reply never
+        came (it may have run). Raises only when nothing was sent."""
+        commands = [("EVALSHA", call.sha, *call.args) for call in batch]
+        if not isinstance(self._redis, RedisCluster):
+            return await _pipelined(self._redis.connection_pool, commands)
         # A cluster pipeline groups the calls by their keys' node (every key of a call
         # shares the account's hash tag) and follows MOVED/ASK; it re-sends nothing else.
         pipe = self._redis.pipeline(transaction=False)
-        for call in batch:
-            pipe.execute_command("EVALSHA", call.sha, *call.args)
-        return list(await pipe.execute(raise_on_error=False))
+        for command in commands:
+            pipe.execute_command(*command)
+        try:
+            results = list(await pipe.execute(raise_on_error=False))
+        except Exception as exc:
+            if _before_sending(exc):
+                raise
+            # Raised for one node while the others' calls may have run: all unknown.
+            return [LOST] * len(batch)
+        # A node's calls failed by its connection (not by Redis's answer) were sent.
+        return [r if not isinstance(r, Exception) or _answered(r) else LOST for r in results]
 
     async def aclose(self) -> None:
-        if self._pending:
-            self._flush()
-        if self._charges or self._queued:
-            self._flush_pipe()
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
         # Every reply in, late ones too, and the refunds they owe applied: a reply may owe
         # a refund, and a refund is one more call to wait for.
         while True:
+            if self._pending:
+                self._flush()
+            if self._charges or self._queued:
+                self._flush_pipe()
+            waits = [*self._inflight, *self._late_refunds]
+            if waits:
+                await asyncio.wait(waits)
+                continue
             if self._pipe is not None:
                 await self._pipe.settled()
-            if not self._late_refunds:
+            if not (self._pending or self._inflight or self._late_refunds):
                 break
-            await asyncio.wait(self._late_refunds)
         if self._pipe is not None:
             await self._pipe.aclose()
 
@@ -711,6 +746,46 @@ def _fail(calls: Iterable[_Call], error: QuotaStoreUnavailable) -> None:
 
 def _time_out(calls: Iterable[_Call]) -> None:
     _fail(calls, QuotaStoreUnavailable("redis unavailable: TimeoutError"))
+
+
+# Told to a late hook whose call was not run (it met NOSCRIPT, and nobody waits any more).
+NOT_RUN = QuotaStoreUnavailable("redis did not run the script (NOSCRIPT)")
+
+
+async def _pipelined(pool: ConnectionPool, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """The commands in one write on a connection of redis-py's pool, their replies read in
+    order: Redis's error replies are results; once the connection fails, the rest are LOST
+    (sent, perhaps run). Raises only while taking the connection: nothing was sent."""
+    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+    results: list[Any] = []
+    failed: BaseException | None = None
+    try:
+        await conn.send_packed_command(conn.pack_commands(commands))
+        for _ in commands:
+            try:
+                results.append(await conn.read_response())
+            except ResponseError as exc:
+                results.append(exc)
+    except BaseException as exc:  # handled below: compiled code must not suspend in one
+        failed = exc
+    if failed is not None:  # replies may still be on the way: the connection is dropped
+        await conn.disconnect(nowait=True)
+    await pool.release(conn)
+    if failed is not None and not isinstance(failed, Exception):
+        raise failed  # cancelled
+    return results + [LOST] * (len(commands) - len(results))
+
+
+def _answered(error: Exception) -> bool:
+    """Whether an error is Redis's own reply (the call did not run, or failed in Redis),
+    not a connection's failure to bring one."""
+    return isinstance(error, ResponseError)
+
+
+def _before_sending(error: Exception) -> bool:
+    """Whether redis-py failed to get a connection, so it sent nothing: no free one, or
+    none could be made ("Error 111 connecting to ...", "Timeout connecting to server")."""
+    return isinstance(error, MaxConnectionsError) or "connecting to" in str(error)
 
 
 def _noscript(result: object) -> bool:

@@ -254,7 +254,7 @@ async def test_refund_on_503_and_noscript_recovery(
         # Reloaded on every primary, so also on each node that answered NOSCRIPT.
         assert await cluster_client.script_exists(CHARGE_SHA) == [True]
 
-        # One alone (not a pipeline) after another flush takes the single-call path.
+        # One alone, after another flush, is reloaded and run once too.
         _flush_scripts(cluster)
         assert await get(accounts[0], "/export/csv") == 200
         assert await _used(cluster_client, accounts[0]) == 4

@@ -94,9 +94,17 @@ async def _eventually(check: Callable[[], object], timeout: float = 3.0) -> None
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
 async def test_redis_down_answers_503_fast_and_recovers_without_restart(
-    backend, private_redis: PrivateRedis, private_client: redis.Redis, start_gateway
+    backend,
+    private_redis: PrivateRedis,
+    private_client: redis.Redis,
+    start_gateway,
+    raw_pipeline: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
+    unknown = _abandoned("unknown")
     upstream_url, seen = backend
     gateway = await start_gateway(load_test_config(upstream_url), url=private_redis.url)
     signals, readyz = gateway.make_url("/signals"), gateway.make_url("/readyz")
@@ -126,6 +134,8 @@ async def test_redis_down_answers_503_fast_and_recovers_without_restart(
         assert (await _timed_get(session, readyz))[0] == 200
     assert seen == ["/signals", "/signals"]
     assert int(await private_client.hget(keys.usage_key("acct-down"), "used")) == 1
+    # Refused at connect, so never sent: none is reported as perhaps applied.
+    assert _abandoned("unknown") == unknown
 
 
 @pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])

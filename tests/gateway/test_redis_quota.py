@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -14,6 +15,9 @@ import hiredis
 import pytest
 import redis.asyncio as redis
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import keys, redis_quota
 from gateway.embedded_redis import EmbeddedRedis
@@ -266,6 +270,55 @@ async def test_a_charge_whose_caller_goes_away_while_redis_runs_it_is_refunded(
     # Counted once the refund is applied: checked before anything else may run.
     assert _abandoned("refunded") == refunded + 1
     assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
+
+
+async def test_through_redis_py_a_hung_call_frees_its_slot_at_the_timeout(
+    make_store: StoreFactory, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call reads on for its late reply, but the next batch does not wait for it."""
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", False)
+    monkeypatch.setattr(redis_quota, "_MAX_INFLIGHT", 1)
+    store = make_store(timeout=0.2)
+    account = "acct-slot"
+    assert (await store.charge(account, "/signals", 1)).used == 1  # connected
+    refunded = _abandoned("refunded")
+    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 900_000))
+    await asyncio.sleep(0.1)  # Redis is held
+    with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
+        await store.charge(account, "/signals", 1)  # holds the only slot, its 503 at 0.2 s
+    with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
+        await store.charge(account, "/signals", 2)  # sent at once all the same
+    await hold  # Redis runs both once released
+    async with asyncio.timeout(5):
+        await store.aclose()
+    # Both were sent and both refunded; had the second waited for the slot, it would have
+    # been refused unsent.
+    assert _abandoned("refunded") == refunded + 2
+    assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
+
+
+def test_a_failure_to_connect_is_known_to_have_sent_nothing() -> None:
+    """The cluster path tells "nothing sent" from "sent, no reply" by redis-py's errors."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed: nothing listens
+
+    async def refused() -> Exception:
+        client = redis.Redis(port=port, socket_connect_timeout=1)
+        try:
+            await client.ping()
+        except Exception as exc:
+            return exc
+        finally:
+            await client.aclose()
+        raise AssertionError("connected to a closed port")
+
+    error = asyncio.run(refused())
+    assert redis_quota._before_sending(error)
+    assert redis_quota._before_sending(MaxConnectionsError("Too many connections"))
+    assert not redis_quota._before_sending(RedisTimeoutError("Timeout reading from redis"))
+    assert not redis_quota._answered(RedisConnectionError("Connection closed by server."))
+    assert redis_quota._answered(ResponseError("BUSY Redis is busy running a script"))
 
 
 async def test_a_charge_through_redis_py_never_answered_is_counted_and_logged_with_its_units(
