@@ -48,9 +48,10 @@ RAW_PIPELINE = True
 # Accounts whose encoded charge keys are kept, and routes whose arguments are; past it
 # that cache starts over.
 _KEY_CACHE_SIZE = 4096
-# Batches in flight through redis-py at once. A cluster node's pool does not wait for a
-# free connection, it fails; each batch holds at most one connection per node, so this
-# stays below the per-node pool (create_client's 64) with room for pings and flushes.
+# Batches sent through redis-py at once, and not yet past their callers' timeout (a call
+# then reads on for its late reply, its slot given to the next batch). A cluster node's
+# pool does not wait for a free connection, it fails; each batch holds at most one
+# connection per node, so this stays below the per-node pool (create_client's 64).
 _MAX_INFLIGHT = 48
 # Charges in one script call at most: a call runs alone in Redis, so a burst of thousands
 # is cut into calls that each hold it well under a millisecond or two.
@@ -249,7 +250,12 @@ class RedisQuotaStore:
         )
         late = functools.partial(self._late_one, account, route, cost, day)
         replies = await self._call(self._charge_sha, self._charge_src, args, late)
-        decision = self._read(replies, [cost], day)[0]
+        try:
+            decision = self._read(replies, [cost], day)[0]
+        except QuotaStoreUnavailable:
+            # The script ran (it answered), so the charge may have been applied.
+            self._unknown([(account, route, cost)], unreadable=True)
+            raise
         if isinstance(decision, QuotaStoreUnavailable):
             raise decision
         return decision
@@ -339,7 +345,8 @@ class RedisQuotaStore:
         try:
             decisions = self._read(replies, [c.cost for c in charges], day)
         except QuotaStoreUnavailable:  # LOST, or a reply that cannot be read
-            self._unknown([(c.account, c.route, c.cost) for c in charges])
+            unsure = [(c.account, c.route, c.cost) for c in charges]
+            self._unknown(unsure, unreadable=replies is not LOST)
             return
         for charge, decision in zip(charges, decisions, strict=True):
             self._follow_up(charge.account, charge.route, charge.cost, decision)
@@ -350,14 +357,19 @@ class RedisQuotaStore:
         if replies is LOST:
             self._unknown([(account, route, cost)])
             return
+        if isinstance(replies, Exception):  # Redis's error (NOSCRIPT too): it did not run
+            self._follow_up(account, route, cost, None)
+            return
         try:
             decision = self._read(replies, [cost], day)[0]
-        except QuotaStoreUnavailable:  # an error reply (NOSCRIPT too): it did not run
-            decision = None
+        except QuotaStoreUnavailable:  # it ran, and answered what cannot be read
+            self._unknown([(account, route, cost)], unreadable=True)
+            return
         self._follow_up(account, route, cost, decision)
 
-    def _unknown(self, charges: list[tuple[str, str, int]]) -> None:
-        """Charges whose connection ended before their replies: applied, or not."""
+    def _unknown(self, charges: list[tuple[str, str, int]], *, unreadable: bool = False) -> None:
+        """Charges applied, or not: their connection ended before their replies, or Redis
+        answered what cannot be read (another script's shape)."""
         # One line per script call, not per charge: a Redis that hangs can leave a whole
         # connection's worth of calls unanswered at once.
         units: Counter[tuple[str, str]] = Counter()
@@ -365,8 +377,8 @@ class RedisQuotaStore:
             units[(account, route)] += cost
         metrics.ABANDONED.labels("unknown").inc(len(charges))
         log.warning(
-            "no reply from Redis to %d timed-out charges; they may have been applied "
-            "(units by account and route): %s",
+            "%s %d charges; they may have been applied (units by account and route): %s",
+            "an unreadable reply from Redis to" if unreadable else "no reply from Redis to",
             len(charges),
             _json([[account, route, n] for (account, route), n in units.items()]).decode(),
         )
@@ -491,9 +503,11 @@ class RedisQuotaStore:
         # app.py), so a charge Redis applied late is known and refunded, as on the pipe.
         # Its slot is freed at that moment too: a connection that hangs must not hold up
         # the next batches (they take another, or fail at once when there is none).
+        loop = asyncio.get_running_loop()
+        deadline_at = loop.time() + self._timeout  # the callers' 503, slot wait included
         slots = self._slots
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(deadline_at):
                 await slots.acquire()
         except TimeoutError:
             _time_out(batch)
@@ -507,7 +521,7 @@ class RedisQuotaStore:
                 held = False
                 slots.release()
 
-        timer = asyncio.get_running_loop().call_later(self._timeout, deadline)
+        timer = loop.call_at(deadline_at, deadline)
         try:
             # A caller that stopped waiting for a slot (its 503, or gone) is not sent.
             batch = [c for c in batch if not c.future.done()]
@@ -558,22 +572,37 @@ class RedisQuotaStore:
         """Each call's reply, Redis's error reply, or LOST for a call sent whose reply never
         came (it may have run). Raises only when nothing was sent."""
         commands = [("EVALSHA", call.sha, *call.args) for call in batch]
-        if not isinstance(self._redis, RedisCluster):
-            return await _pipelined(self._redis.connection_pool, commands)
-        # A cluster pipeline groups the calls by their keys' node (every key of a call
-        # shares the account's hash tag) and follows MOVED/ASK; it re-sends nothing else.
-        pipe = self._redis.pipeline(transaction=False)
-        for command in commands:
-            pipe.execute_command(*command)
-        try:
-            results = list(await pipe.execute(raise_on_error=False))
-        except Exception as exc:
-            if _before_sending(exc):
-                raise
-            # Raised for one node while the others' calls may have run: all unknown.
-            return [LOST] * len(batch)
-        # A node's calls failed by its connection (not by Redis's answer) were sent.
-        return [r if not isinstance(r, Exception) or _answered(r) else LOST for r in results]
+        client = self._redis
+        if not isinstance(client, RedisCluster):
+            return await _pipelined(client.connection_pool, commands)
+        # One pipeline per node, so that one node refusing its connection fails its own
+        # calls as unsent, not the calls other nodes ran (redis-py's own pipeline raises
+        # the first node's error for all). Every key of a call shares the account's hash
+        # tag: its first says the node. The pipeline follows MOVED/ASK, re-sends nothing.
+        groups: dict[str, list[int]] = {}
+        for index, call in enumerate(batch):
+            node = client.get_node_from_key(call.args[1])
+            groups.setdefault(node.name if node is not None else "", []).append(index)
+        parts = list(groups.values())
+        outcomes = await asyncio.gather(
+            *(_cluster_pipelined(client, [commands[i] for i in part]) for part in parts),
+            return_exceptions=True,
+        )
+        results: list[Any] = [None] * len(batch)
+        unsent: BaseException | None = None
+        for part, outcome in zip(parts, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome  # cancelled
+                if len(parts) == 1:
+                    raise outcome  # nothing sent
+                unsent = outcome
+                outcome = [NOT_SENT] * len(part)
+            for i, result in zip(part, outcome, strict=True):
+                results[i] = result
+        if unsent is not None and all(r is NOT_SENT for r in results):
+            raise unsent
+        return results
 
     async def aclose(self) -> None:
         # Every reply in, late ones too, and the refunds they owe applied: a reply may owe
@@ -630,9 +659,9 @@ def _read_reply(
             reason, row = code & 7, code >> 3
             if reason >= len(_REASONS) or row >= len(tiers) or code < 0:
                 raise ValueError(f"entry {at} names no reason or tier: {code}")
-            used: int = entries[at + 1]
-            reset: int = entries[at + 2]
-            period_start: int = entries[at + 3]
+            used, reset, period_start = entries[at + 1], entries[at + 2], entries[at + 3]
+            if type(used) is not int or type(reset) is not int or type(period_start) is not int:
+                raise TypeError(f"entry {at} has a field that is not an integer")
             retry_ms = 0
             if reason == 3:
                 retry_ms = entries[at + 4]
@@ -696,6 +725,8 @@ class _Batch:
             decisions = self.store._read(result, [c.cost for c in charges], self.day)
         except QuotaStoreUnavailable as exc:
             self.set_exception(exc)
+            # The script ran (it answered), so its charges may have been applied.
+            self.store._unknown([(c.account, c.route, c.cost) for c in charges], unreadable=True)
             return
         self.settled = True
         for index in range(len(charges)):  # indexed, not zipped: no iterator objects
@@ -732,6 +763,11 @@ def _settle(outcomes: Iterable[tuple[_Call, Any]]) -> None:
             if call.late is not None:
                 tell(call.late, result)
             continue
+        if result is LOST:  # sent, and its connection failed: its 503, and perhaps charged
+            call.future.set_exception(QuotaStoreUnavailable(f"redis unavailable: {result}"))
+            if call.late is not None:
+                tell(call.late, result)
+            continue
         if isinstance(result, Exception):
             call.future.set_exception(QuotaStoreUnavailable(f"redis error: {result}"))
         else:
@@ -750,6 +786,24 @@ def _time_out(calls: Iterable[_Call]) -> None:
 
 # Told to a late hook whose call was not run (it met NOSCRIPT, and nobody waits any more).
 NOT_RUN = QuotaStoreUnavailable("redis did not run the script (NOSCRIPT)")
+# A call of a batch whose node could not be reached: never sent.
+NOT_SENT = QuotaStoreUnavailable("redis unavailable: no connection to the node")
+
+
+async def _cluster_pipelined(cluster: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Calls of one node in one cluster pipeline: as _pipelined (a failure to connect
+    raises, as nothing was sent; a call its connection failed is LOST)."""
+    pipe = cluster.pipeline(transaction=False)
+    for command in commands:
+        pipe.execute_command(*command)
+    try:
+        results = list(await pipe.execute(raise_on_error=False))
+    except Exception as exc:
+        if _before_sending(exc):
+            raise
+        return [LOST] * len(commands)
+    # A call failed by its connection (not by Redis's answer) was sent.
+    return [r if not isinstance(r, Exception) or _answered(r) else LOST for r in results]
 
 
 async def _pipelined(pool: ConnectionPool, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -757,10 +811,18 @@ async def _pipelined(pool: ConnectionPool, commands: list[tuple[Any, ...]]) -> l
     order: Redis's error replies are results; once the connection fails, the rest are LOST
     (sent, perhaps run). Raises only while taking the connection: nothing was sent."""
     conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-    results: list[Any] = []
+    packed: list[bytes] = []
     failed: BaseException | None = None
     try:
-        await conn.send_packed_command(conn.pack_commands(commands))
+        packed = conn.pack_commands(commands)
+    except BaseException as exc:  # nothing sent; handled below (compiled: no await here)
+        failed = exc
+    if failed is not None:
+        await pool.release(conn)
+        raise failed
+    results: list[Any] = []
+    try:
+        await conn.send_packed_command(packed)
         for _ in commands:
             try:
                 results.append(await conn.read_response())

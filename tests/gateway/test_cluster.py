@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import socket
@@ -16,12 +17,15 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client import REGISTRY
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from gateway import keys
 from gateway.embedded_redis import EmbeddedRedisError, find_redis_server
+from gateway.errors import QuotaStoreUnavailable
 from gateway.redis_client import create_client
+from gateway.redis_quota import RedisQuotaStore
 from tests.conftest import ROOT, Clock, auth, echo, load_test_config
 
 SLOT_RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
@@ -91,11 +95,11 @@ def _redis_server() -> str:
     return binary
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
-    """Three cluster-enabled redis-servers with all 16384 slots assigned; their ports."""
+@contextlib.contextmanager
+def _started_cluster(tmp: Path) -> Iterator[tuple[list[int], list[subprocess.Popen[bytes]]]]:
+    """Three cluster-enabled redis-servers with all 16384 slots assigned; their ports and
+    processes."""
     binary = _redis_server()
-    tmp: Path = tmp_path_factory.mktemp("cluster")
     ports: list[int] = []
     for _ in range(3):
         ports.append(_free_port(ports))
@@ -133,7 +137,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
             return all(b"cluster_state:ok" in _command(p, "CLUSTER", "INFO") for p in ports)
 
         _wait(ok, "cluster_state:ok", deadline)
-        yield ports
+        yield ports, procs
     finally:
         for proc in procs:
             proc.terminate()
@@ -143,6 +147,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[int]]:
+    """Three cluster-enabled redis-servers with all 16384 slots assigned; their ports."""
+    with _started_cluster(tmp_path_factory.mktemp("cluster")) as (ports, _):
+        yield ports
 
 
 @pytest.fixture
@@ -305,3 +316,42 @@ async def test_readyz_and_the_client_factory(
             await client.evalsha("0" * 40, 1, "mg:{x}:usage")
     finally:
         await client.aclose()
+
+
+async def test_a_node_down_fails_its_own_charges_and_not_the_others(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """One batch across the nodes, one of them stopped: its charge gets its 503 unsent,
+    the others are decided and applied, and nothing is reported as perhaps charged."""
+    with _started_cluster(tmp_path) as (ports, procs):
+        client = create_client(f"redis+cluster://127.0.0.1:{ports[0]}", timeout=0.5)
+        config = load_test_config("http://127.0.0.1:9")
+        store = RedisQuotaStore(client, config, clock=clock)
+        try:
+            assert isinstance(client, RedisCluster)
+            await client.initialize()
+            # The stopped node is not the one the client learnt the cluster from: no
+            # connection to it was made before, so its charge is refused at connect. The
+            # scripts are loaded beside the client, which would connect to every node.
+            source = (ROOT / "gateway" / "lua" / "charge.lua").read_text()
+            for port in ports:
+                assert _command(port, "SCRIPT", "LOAD", source).startswith(b"$40")
+            accounts = sorted(_spread(client, 1), key=lambda a: _port_of(client, a) != ports[0])
+            procs[ports.index(_port_of(client, accounts[2]))].kill()
+            procs[ports.index(_port_of(client, accounts[2]))].wait()
+            unknown = _abandoned("unknown")
+            outcomes = await asyncio.gather(
+                *(store.charge(a, "/signals", 1) for a in accounts), return_exceptions=True
+            )
+            assert [getattr(d, "used", None) for d in outcomes[:2]] == [1, 1]
+            assert isinstance(outcomes[2], QuotaStoreUnavailable)
+            assert _abandoned("unknown") == unknown
+            assert [await _used(client, a) for a in accounts[:2]] == [1, 1]
+        finally:
+            await store.aclose()
+            await client.aclose()
+
+
+def _abandoned(outcome: str) -> float:
+    labels = {"outcome": outcome}
+    return REGISTRY.get_sample_value("metergate_abandoned_charges_total", labels) or 0.0

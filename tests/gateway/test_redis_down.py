@@ -134,8 +134,10 @@ async def test_redis_down_answers_503_fast_and_recovers_without_restart(
         assert (await _timed_get(session, readyz))[0] == 200
     assert seen == ["/signals", "/signals"]
     assert int(await private_client.hget(keys.usage_key("acct-down"), "used")) == 1
-    # Refused at connect, so never sent: none is reported as perhaps applied.
-    assert _abandoned("unknown") == unknown
+    # Refused at connect, so never sent: not reported as perhaps applied. Through redis-py
+    # the first may go out on the idle connection Redis closed unnoticed, and fail while
+    # reading: from the gateway's side as if Redis had died after running it.
+    assert _abandoned("unknown") - unknown <= (0 if raw_pipeline else 1)
 
 
 @pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])

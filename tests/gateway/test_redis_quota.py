@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -134,8 +135,11 @@ async def test_a_reply_of_another_shape_fails_its_charge_as_unavailable(
     store._charge_src, store._charge_sha = source, sha
     store._charge_script = Script(source, sha)
     store._charge_head = bulk("EVALSHA") + bulk(sha)
+    unknown = _abandoned("unknown")
     with pytest.raises(QuotaStoreUnavailable, match="redis answered"):
         await store.charge("acct-shape", "/signals", 1)
+    # The script ran: what it did cannot be told, so the charge is reported as perhaps made.
+    assert _abandoned("unknown") == unknown + 1
 
 
 async def test_a_burst_is_one_write_of_several_script_calls_decided_in_order(
@@ -295,6 +299,55 @@ async def test_through_redis_py_a_hung_call_frees_its_slot_at_the_timeout(
     # been refused unsent.
     assert _abandoned("refunded") == refunded + 2
     assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
+
+
+async def test_through_redis_py_a_connection_lost_while_its_caller_waits_is_unknown(
+    urls: tuple[str, str],
+    redis_client: redis.Redis,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The 503 comes when the connection gives up, and the charge is reported unknown."""
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", False)
+    client = create_redis(urls[0], timeout=2.0, read_timeout=0.3)
+    config = replace_section(
+        load_test_config("http://127.0.0.1:9"), metering={"redis_timeout_seconds": 2.0}
+    )
+    store = RedisQuotaStore(client, config, clock=clock)
+    try:
+        assert (await store.charge("acct-cut", "/signals", 1)).used == 1  # connected
+        unknown = _abandoned("unknown")
+        hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 900_000))
+        await asyncio.sleep(0.1)  # Redis is held
+        with pytest.raises(QuotaStoreUnavailable, match="ended before the reply"):
+            await store.charge("acct-cut", "/signals", 1)  # the read gives up at 0.3 s
+        assert _abandoned("unknown") == unknown + 1
+        await hold
+    finally:
+        await store.aclose()
+        await client.aclose()
+
+
+async def test_through_redis_py_the_timeout_counts_the_wait_for_a_slot(
+    make_store: StoreFactory, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", False)
+    monkeypatch.setattr(redis_quota, "_MAX_INFLIGHT", 1)
+    store = make_store(timeout=0.3)
+    account = "acct-queued"
+    assert (await store.charge(account, "/signals", 1)).used == 1  # connected
+    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 900_000))
+    await asyncio.sleep(0.1)  # Redis is held
+    first = asyncio.ensure_future(store.charge(account, "/signals", 1))
+    await asyncio.sleep(0.1)  # the first batch holds the only slot
+    started = time.monotonic()
+    with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
+        await store.charge(account, "/signals", 1)  # waits for the slot, then its call
+    # Its 503 at its own timeout: the slot frees at the first one's, 0.1 s in.
+    assert time.monotonic() - started < 0.3 + 0.15
+    with pytest.raises(QuotaStoreUnavailable):
+        await first
+    await hold
 
 
 def test_a_failure_to_connect_is_known_to_have_sent_nothing() -> None:
