@@ -28,7 +28,7 @@ from typing import Any, Final, final
 
 import hiredis
 import msgspec
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import MaxConnectionsError, NoScriptError, RedisError, ResponseError
 
@@ -549,8 +549,9 @@ class RedisQuotaStore:
                 _settle([(c, NOT_RUN) for c in retry if not c.waited()])
                 if again:
                     _settle(list(zip(again, await self._execute(again), strict=True)))
-            if any(r is LOST for r in results):
-                self._outage.failed(ConnectionError("a reply did not come"))
+            trouble = next((r for r in results if r is LOST or r is NOT_SENT), None)
+            if trouble is not None:  # a node, or a connection, failed: logged once
+                self._outage.failed(trouble)
             else:
                 self._outage.ok()
         except Exception as exc:
@@ -563,6 +564,7 @@ class RedisQuotaStore:
                 log.error("redis client failed: %r", exc, exc_info=exc)
             _fail(batch, QuotaStoreUnavailable(f"redis unavailable: {exc.__class__.__name__}"))
         finally:
+            _time_out(batch)  # none left waiting, whatever happened (no-op when settled)
             timer.cancel()
             if held:
                 held = False
@@ -579,22 +581,34 @@ class RedisQuotaStore:
         # calls as unsent, not the calls other nodes ran (redis-py's own pipeline raises
         # the first node's error for all). Every key of a call shares the account's hash
         # tag: its first says the node. The pipeline follows MOVED/ASK, re-sends nothing.
-        groups: dict[str, list[int]] = {}
-        for index, call in enumerate(batch):
-            node = client.get_node_from_key(call.args[1])
-            groups.setdefault(node.name if node is not None else "", []).append(index)
-        parts = list(groups.values())
-        outcomes = await asyncio.gather(
-            *(_cluster_pipelined(client, [commands[i] for i in part]) for part in parts),
-            return_exceptions=True,
-        )
+        # Each command is pinned to the node it was grouped under, so that a pipeline
+        # never spans two nodes even if the slot map changes meanwhile.
         results: list[Any] = [None] * len(batch)
         unsent: BaseException | None = None
+        groups: dict[str, tuple[ClusterNode, list[int]]] = {}
+        for index, call in enumerate(batch):
+            try:
+                node = client.get_node_from_key(call.args[1])
+            except Exception as exc:  # a slot no node serves: this call is not sent
+                unsent, results[index] = exc, NOT_SENT
+                continue
+            if node is None:
+                unsent, results[index] = ConnectionError("no node for the key"), NOT_SENT
+                continue
+            groups.setdefault(node.name, (node, []))[1].append(index)
+        parts = [part for _, part in groups.values()]
+        outcomes = await asyncio.gather(
+            *(
+                _cluster_pipelined(client, node, [commands[i] for i in part])
+                for node, part in groups.values()
+            ),
+            return_exceptions=True,
+        )
         for part, outcome in zip(parts, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 if not isinstance(outcome, Exception):
                     raise outcome  # cancelled
-                if len(parts) == 1:
+                if len(parts) == 1 and unsent is None:
                     raise outcome  # nothing sent
                 unsent = outcome
                 outcome = [NOT_SENT] * len(part)
@@ -659,12 +673,17 @@ def _read_reply(
             reason, row = code & 7, code >> 3
             if reason >= len(_REASONS) or row >= len(tiers) or code < 0:
                 raise ValueError(f"entry {at} names no reason or tier: {code}")
-            used, reset, period_start = entries[at + 1], entries[at + 2], entries[at + 3]
+            # Typed: compiled, these assignments check the type; from source, the test does.
+            used: int = entries[at + 1]
+            reset: int = entries[at + 2]
+            period_start: int = entries[at + 3]
             if type(used) is not int or type(reset) is not int or type(period_start) is not int:
                 raise TypeError(f"entry {at} has a field that is not an integer")
             retry_ms = 0
             if reason == 3:
                 retry_ms = entries[at + 4]
+                if type(retry_ms) is not int:
+                    raise TypeError(f"entry {at} has a retry time that is not an integer")
                 at += 5
             else:
                 at += 4
@@ -768,6 +787,9 @@ def _settle(outcomes: Iterable[tuple[_Call, Any]]) -> None:
             if call.late is not None:
                 tell(call.late, result)
             continue
+        if result is NOT_SENT or result is NOT_RUN:
+            call.future.set_exception(QuotaStoreUnavailable(str(result)))
+            continue
         if isinstance(result, Exception):
             call.future.set_exception(QuotaStoreUnavailable(f"redis error: {result}"))
         else:
@@ -790,12 +812,14 @@ NOT_RUN = QuotaStoreUnavailable("redis did not run the script (NOSCRIPT)")
 NOT_SENT = QuotaStoreUnavailable("redis unavailable: no connection to the node")
 
 
-async def _cluster_pipelined(cluster: RedisCluster, commands: list[tuple[Any, ...]]) -> list[Any]:
+async def _cluster_pipelined(
+    cluster: RedisCluster, node: ClusterNode, commands: list[tuple[Any, ...]]
+) -> list[Any]:
     """Calls of one node in one cluster pipeline: as _pipelined (a failure to connect
     raises, as nothing was sent; a call its connection failed is LOST)."""
     pipe = cluster.pipeline(transaction=False)
     for command in commands:
-        pipe.execute_command(*command)
+        pipe.execute_command(*command, target_nodes=node)
     try:
         results = list(await pipe.execute(raise_on_error=False))
     except Exception as exc:
