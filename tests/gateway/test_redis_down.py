@@ -54,6 +54,13 @@ async def private_client(private_redis: PrivateRedis) -> AsyncIterator[redis.Red
     await client.aclose()
 
 
+@pytest.fixture(params=[True, False], ids=["raw-pipeline", "redis-py"])
+def raw_pipeline(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Charges through the raw pipeline, or through redis-py (as on a cluster)."""
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", request.param)
+    return bool(request.param)
+
+
 @pytest.fixture
 async def backend(start_upstream) -> tuple[str, list[str]]:
     seen: list[str] = []
@@ -94,16 +101,13 @@ async def _eventually(check: Callable[[], object], timeout: float = 3.0) -> None
         await asyncio.sleep(0.05)
 
 
-@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
 async def test_redis_down_answers_503_fast_and_recovers_without_restart(
     backend,
     private_redis: PrivateRedis,
     private_client: redis.Redis,
     start_gateway,
     raw_pipeline: bool,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
     unknown = _abandoned("unknown")
     upstream_url, seen = backend
     gateway = await start_gateway(load_test_config(upstream_url), url=private_redis.url)
@@ -140,17 +144,14 @@ async def test_redis_down_answers_503_fast_and_recovers_without_restart(
     assert _abandoned("unknown") - unknown <= (0 if raw_pipeline else 1)
 
 
-@pytest.mark.parametrize("raw_pipeline", [True, False], ids=["raw-pipeline", "redis-py"])
 async def test_redis_that_hangs_answers_503_within_a_second(
     backend,
     private_redis: PrivateRedis,
     private_client: redis.Redis,
     start_gateway,
     raw_pipeline: bool,
-    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Through redis-py as on a cluster, too: its client reads on past the 503 (app.py).
-    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", raw_pipeline)
     upstream_url, seen = backend
     gateway = await start_gateway(load_test_config(upstream_url), url=private_redis.url)
     signals = gateway.make_url("/signals")

@@ -85,6 +85,19 @@ return 1
 """
 
 
+async def _held(client: redis.Redis, microseconds: int) -> asyncio.Future[Any]:
+    """Redis held for that long, from 0.1 s before this returns; done once released."""
+    hold = asyncio.ensure_future(client.eval(_HOLD, 0, microseconds))
+    await asyncio.sleep(0.1)
+    return hold
+
+
+async def _closed(store: RedisQuotaStore) -> None:
+    """The store closed: every reply in, late ones too, and the refunds they owe."""
+    async with asyncio.timeout(5):
+        await store.aclose()
+
+
 def _abandoned(outcome: str) -> float:
     value = REGISTRY.get_sample_value("metergate_abandoned_charges_total", {"outcome": outcome})
     return value or 0.0
@@ -100,6 +113,13 @@ def either_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
     """Stores made in the test send through the raw pipeline, or through redis-py (as on a
     cluster)."""
     monkeypatch.setattr(redis_quota, "RAW_PIPELINE", request.param)
+
+
+@pytest.fixture
+def one_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stores made in the test send through redis-py, one batch in flight at a time."""
+    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", False)
+    monkeypatch.setattr(redis_quota, "_MAX_INFLIGHT", 1)
 
 
 @pytest.mark.usefixtures("either_path")
@@ -225,13 +245,11 @@ async def test_a_charge_redis_answers_after_its_timeout_is_refunded(
     account = "acct-late"
     assert (await store.charge(account, "/signals", 1)).used == 1  # connected, scripts loaded
     refunded = _abandoned("refunded")
-    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 700_000))
-    await asyncio.sleep(0.1)  # Redis is held
+    hold = await _held(redis_client, 700_000)
     with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
         await store.charge(account, "/signals", 1)  # the request gets its 503 ...
     await hold  # ... yet Redis charges it once released
-    async with asyncio.timeout(5):
-        await store.aclose()  # waits for the late reply and the refund it owes
+    await _closed(store)  # waits for the late reply and the refund it owes
     assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
     daily = await redis_client.hgetall(keys.daily_key(account, "2026-09-21"))
     assert daily == {b"/signals": b"1"}
@@ -249,8 +267,7 @@ async def test_a_charge_whose_caller_went_away_is_refunded(
     await asyncio.sleep(0)  # both are in the write
     gone.cancel()  # its request went away: it will not be forwarded
     assert (await stays).used == 3  # charged after the one that went away
-    async with asyncio.timeout(5):
-        await store.aclose()
+    await _closed(store)
     assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
     assert _abandoned("refunded") == refunded + 1
 
@@ -263,38 +280,33 @@ async def test_a_charge_whose_caller_goes_away_while_redis_runs_it_is_refunded(
     account = "acct-gone-in-flight"
     assert (await store.charge(account, "/signals", 1)).used == 1  # connected
     refunded = _abandoned("refunded")
-    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 300_000))
-    await asyncio.sleep(0.1)  # Redis is held
+    hold = await _held(redis_client, 300_000)
     gone = asyncio.ensure_future(store.charge(account, "/signals", 2))
     await asyncio.sleep(0.05)  # sent, not yet run
     gone.cancel()  # as a shutdown cancels its handler
     await hold  # Redis runs it once released
-    async with asyncio.timeout(5):
-        await store.aclose()
+    await _closed(store)
     # Counted once the refund is applied: checked before anything else may run.
     assert _abandoned("refunded") == refunded + 1
     assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
 
 
+@pytest.mark.usefixtures("one_slot")
 async def test_through_redis_py_a_hung_call_frees_its_slot_at_the_timeout(
-    make_store: StoreFactory, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    make_store: StoreFactory, redis_client: redis.Redis
 ) -> None:
     """The call reads on for its late reply, but the next batch does not wait for it."""
-    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", False)
-    monkeypatch.setattr(redis_quota, "_MAX_INFLIGHT", 1)
     store = make_store(timeout=0.2)
     account = "acct-slot"
     assert (await store.charge(account, "/signals", 1)).used == 1  # connected
     refunded = _abandoned("refunded")
-    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 900_000))
-    await asyncio.sleep(0.1)  # Redis is held
+    hold = await _held(redis_client, 900_000)
     with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
         await store.charge(account, "/signals", 1)  # holds the only slot, its 503 at 0.2 s
     with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
         await store.charge(account, "/signals", 2)  # sent at once all the same
     await hold  # Redis runs both once released
-    async with asyncio.timeout(5):
-        await store.aclose()
+    await _closed(store)
     # Both were sent and both refunded; had the second waited for the slot, it would have
     # been refused unsent.
     assert _abandoned("refunded") == refunded + 2
@@ -317,8 +329,7 @@ async def test_through_redis_py_a_connection_lost_while_its_caller_waits_is_unkn
     try:
         assert (await store.charge("acct-cut", "/signals", 1)).used == 1  # connected
         unknown = _abandoned("unknown")
-        hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 900_000))
-        await asyncio.sleep(0.1)  # Redis is held
+        hold = await _held(redis_client, 900_000)
         with pytest.raises(QuotaStoreUnavailable, match="ended before the reply"):
             await store.charge("acct-cut", "/signals", 1)  # the read gives up at 0.3 s
         assert _abandoned("unknown") == unknown + 1
@@ -328,16 +339,14 @@ async def test_through_redis_py_a_connection_lost_while_its_caller_waits_is_unkn
         await client.aclose()
 
 
+@pytest.mark.usefixtures("one_slot")
 async def test_through_redis_py_the_timeout_counts_the_wait_for_a_slot(
-    make_store: StoreFactory, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    make_store: StoreFactory, redis_client: redis.Redis
 ) -> None:
-    monkeypatch.setattr(redis_quota, "RAW_PIPELINE", False)
-    monkeypatch.setattr(redis_quota, "_MAX_INFLIGHT", 1)
     store = make_store(timeout=0.4)
     account = "acct-queued"
     assert (await store.charge(account, "/signals", 1)).used == 1  # connected
-    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 1_200_000))
-    await asyncio.sleep(0.1)  # Redis is held
+    hold = await _held(redis_client, 1_200_000)
     first = asyncio.ensure_future(store.charge(account, "/signals", 1))
     await asyncio.sleep(0.1)  # the first batch holds the only slot
     started = time.monotonic()
@@ -394,12 +403,10 @@ async def test_a_charge_through_redis_py_never_answered_is_counted_and_logged_wi
     try:
         assert (await store.charge(account, "/signals", 1)).used == 1  # connected
         unknown = _abandoned("unknown")
-        hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 900_000))
-        await asyncio.sleep(0.1)  # Redis is held
+        hold = await _held(redis_client, 900_000)
         with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
             await store.charge(account, "/signals", 2)  # the 503 comes at 0.2 s ...
-        async with asyncio.timeout(5):
-            await store.aclose()  # ... and the client gives up reading at 0.5 s
+        await _closed(store)  # ... and the client gives up reading at 0.5 s
         assert _abandoned("unknown") == unknown + 1
         assert f'[["{account}","/signals",2]]' in caplog.text
         await hold
@@ -420,13 +427,11 @@ async def test_a_denied_charge_answered_late_is_not_refunded(
     )
     assert not (await store.charge(account, "/signals", 1)).allowed  # connected
     not_charged = _abandoned("not_charged")
-    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 700_000))
-    await asyncio.sleep(0.1)
+    hold = await _held(redis_client, 700_000)
     with pytest.raises(QuotaStoreUnavailable):
         await store.charge(account, "/signals", 1)
     await hold
-    async with asyncio.timeout(5):
-        await store.aclose()
+    await _closed(store)
     assert await redis_client.hget(keys.usage_key(account), "used") == str(included).encode()
     assert _abandoned("not_charged") == not_charged + 1
 
@@ -441,12 +446,10 @@ async def test_closing_waits_for_a_late_reply_and_its_refund(
     account = "acct-closing"
     await store.charge(account, "/signals", 1)
     refunded = _abandoned("refunded")
-    hold = asyncio.ensure_future(redis_client.eval(_HOLD, 0, 700_000))
-    await asyncio.sleep(0.1)
+    hold = await _held(redis_client, 700_000)
     pending = asyncio.ensure_future(store.charge(account, "/signals", 1))
     await asyncio.sleep(0)  # queued
-    async with asyncio.timeout(5):
-        await store.aclose()
+    await _closed(store)
     # Counted once the refund is applied: checked before anything else may run.
     assert _abandoned("refunded") == refunded + 1
     left = [t for t in asyncio.all_tasks() if "_refund_abandoned" in repr(t.get_coro())]
@@ -468,8 +471,7 @@ async def test_closing_refunds_a_charge_cancelled_in_flight_and_skips_one_cancel
     in_flight = asyncio.ensure_future(store.charge(account, "/signals", 2))
     await asyncio.sleep(0)  # sent
     in_flight.cancel()  # as a shutdown cancels its handler
-    async with asyncio.timeout(5):
-        await store.aclose()
+    await _closed(store)
     assert await redis_client.hget(keys.usage_key(account), "used") == b"1"
     daily = await redis_client.hgetall(keys.daily_key(account, "2026-09-21"))
     assert daily == {b"/signals": b"1"}
