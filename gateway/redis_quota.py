@@ -12,6 +12,9 @@ A charge whose caller stopped waiting (Redis answered after the timeout, so the 
 its 503; or the caller was cancelled) is followed up when the reply comes: units Redis
 charged after all are refunded. One whose reply never comes (the connection ended) may or
 may not have been charged; it is counted and logged with its account, route and units.
+Both paths do this: through redis-py the callers get their 503 from a timer while the
+call goes on (its client reads past the timeout: app.py), and each cluster node's calls
+go in a pipeline of their own, so a node that cannot be reached fails only its own.
 """
 
 from __future__ import annotations
