@@ -319,7 +319,7 @@ async def test_readyz_and_the_client_factory(
 
 
 async def test_a_node_down_fails_its_own_charges_and_not_the_others(
-    tmp_path: Path, clock: Clock
+    tmp_path: Path, clock: Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One batch across the nodes, one of them stopped: its charge gets its 503 unsent,
     the others are decided and applied, and nothing is reported as perhaps charged."""
@@ -347,6 +347,8 @@ async def test_a_node_down_fails_its_own_charges_and_not_the_others(
             assert isinstance(outcomes[2], QuotaStoreUnavailable)
             assert _abandoned("unknown") == unknown
             assert [await _used(client, a) for a in accounts[:2]] == [1, 1]
+            # Logged as an outage, though other nodes answered the same batch.
+            assert "redis unavailable, charges fail until it is back" in caplog.text
         finally:
             await store.aclose()
             await client.aclose()
