@@ -29,7 +29,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any, Final, final
 
-import hiredis
 import msgspec
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import ConnectionPool
@@ -251,7 +250,7 @@ class RedisQuotaStore:
             route,
             allowed_tiers,
         )
-        late = functools.partial(self._late_one, account, route, cost, day)
+        late = functools.partial(self._late, [(account, route, cost)], day)
         replies = await self._call(self._charge_sha, self._charge_src, args, late)
         try:
             decision = self._read(replies, [cost], day)[0]
@@ -340,35 +339,21 @@ class RedisQuotaStore:
         if self._on_batch is not None:
             self._on_batch(count)
 
-    def _late_batch(self, charges: list[_Charge], day: str, replies: Any) -> None:
-        """A script call answered after its callers had their 503, or never (LOST)."""
-        if type(replies) is hiredis.ReplyError:  # the script did not run
+    def _late(self, charges: list[tuple[str, str, int]], day: str, replies: Any) -> None:
+        """A script call (account, route and cost of each charge it carried) answered after
+        its callers had their 503 or went away, or never (LOST). The raw pipeline's and
+        redis-py's alike."""
+        if replies is not LOST and isinstance(replies, Exception):
+            # Redis's error for the whole call (NOSCRIPT too): the script did not run.
             metrics.ABANDONED.labels("not_charged").inc(len(charges))
             return
         try:
-            decisions = self._read(replies, [c.cost for c in charges], day)
+            decisions = self._read(replies, [cost for _, _, cost in charges], day)
         except QuotaStoreUnavailable:  # LOST, or a reply that cannot be read
-            unsure = [(c.account, c.route, c.cost) for c in charges]
-            self._unknown(unsure, unreadable=replies is not LOST)
+            self._unknown(charges, unreadable=replies is not LOST)
             return
-        for charge, decision in zip(charges, decisions, strict=True):
-            self._follow_up(charge.account, charge.route, charge.cost, decision)
-
-    def _late_one(self, account: str, route: str, cost: int, day: str, replies: Any) -> None:
-        """Through redis-py: a charge answered after its caller had its 503 or went away,
-        or never (LOST)."""
-        if replies is LOST:
-            self._unknown([(account, route, cost)])
-            return
-        if isinstance(replies, Exception):  # Redis's error (NOSCRIPT too): it did not run
-            self._follow_up(account, route, cost, None)
-            return
-        try:
-            decision = self._read(replies, [cost], day)[0]
-        except QuotaStoreUnavailable:  # it ran, and answered what cannot be read
-            self._unknown([(account, route, cost)], unreadable=True)
-            return
-        self._follow_up(account, route, cost, decision)
+        for (account, route, cost), decision in zip(charges, decisions, strict=True):
+            self._follow_up(account, route, cost, decision)
 
     def _unknown(self, charges: list[tuple[str, str, int]], *, unreadable: bool = False) -> None:
         """Charges applied, or not: their connection ended before their replies, or Redis
@@ -765,7 +750,7 @@ class _Batch:
                 future.set_exception(decision)
 
     def late(self, replies: Any) -> None:
-        self.store._late_batch(self.charges, self.day, replies)
+        self.store._late([(c.account, c.route, c.cost) for c in self.charges], self.day, replies)
 
 
 _json = msgspec.json.Encoder().encode
