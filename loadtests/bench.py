@@ -44,13 +44,22 @@ from gateway import compiled, keys
 from gateway.auth import issue_token
 from gateway.embedded_redis import self_signed_tls
 from gateway.routing import PricedRoute, RouteTable
-from loadtests import harness, systems, wrk
+from loadtests import cpu_limit, harness, systems, wrk
 from loadtests.harness import BENCH_PATHS, write_plans
 from loadtests.procs import Child, cpu_seconds, pin
-from loadtests.report import Result, evaluate_targets, median_result, render, scaling_rows
+from loadtests.report import (
+    Result,
+    curve_rows,
+    evaluate_targets,
+    median_result,
+    render,
+    scaling_rows,
+)
 from loadtests.systems import Environment, System
 
 _SETTLE_S = 0.4  # for requests in flight when wrk stops to finish before counting
+# The scaling curve's CPUs a worker: at two workers, a quarter of a 2-core machine.
+CURVE_CPUS = 0.25
 
 
 @dataclass
@@ -62,6 +71,7 @@ class Snapshot:
     redis_cpu_s: float
     batches: float | None
     batched_charges: float | None
+    throttle: tuple[int, int] | None  # a CPU limit's periods: run, and at the limit
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,6 +85,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     nproc = os.cpu_count() or 1
     chosen = _choose(args.systems, nproc, args.scaling)
+    # The curve comes with the default set of systems; asked for, with any set.
+    curve = args.cpu_curve if args.cpu_curve is not None else 0 if args.systems else CURVE_CPUS
+    if curve:
+        chosen += _curve(curve, args.curve_workers, nproc)
+    why = cpu_limit.unavailable() if any(s.cpu_limit for s in chosen) else None
+    if why:
+        print(f"bench: no CPU-limited runs ({why}), skipping them", file=sys.stderr)
+        chosen = [s for s in chosen if not s.cpu_limit]
     if any(s.kind == "nginx" for s in chosen) and systems.find_nginx() is None:
         print(f"bench: nginx is not installed, skipping it (`{wrk.INSTALL_HINT}`)", file=sys.stderr)
         chosen = [s for s in chosen if s.kind != "nginx"]
@@ -139,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
         "targets": targets,
         "scaling": scaling,
+        "cpu_curve": curve_rows(results),
         "skipped": failed,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")
@@ -179,21 +198,27 @@ class _Bench:
         metrics_url = f"http://127.0.0.1:{port}/metrics" if system.kind == "metergate" else None
         url = f"http://127.0.0.1:{port}"
         loadavg = os.getloadavg()
-        try:
+        with contextlib.ExitStack() as stack:
+            limit = None
+            if child is not None:
+                stack.callback(child.stop)
+                if system.cpu_limit:
+                    # Closed first: it moves the processes out, then they are stopped.
+                    limit = stack.enter_context(
+                        cpu_limit.CpuLimit(f"metergate-bench-{system.name}", system.cpu_limit)
+                    )
+                    limit.add_tree(child.pid)
             units_before = self._units(accounts)
-            before_warmup = self._snapshot(pid, metrics_url)
+            before_warmup = self._snapshot(pid, metrics_url, limit)
             warm = self._wrk(url, script, self.args.warmup)
             time.sleep(_SETTLE_S)
-            before = self._snapshot(pid, metrics_url)
+            before = self._snapshot(pid, metrics_url, limit)
             run = self._wrk(url, script, self.args.duration)
             time.sleep(_SETTLE_S)
-            after = self._snapshot(pid, metrics_url)
+            after = self._snapshot(pid, metrics_url, limit)
             units_after = self._units(accounts)
             if child is not None:
                 child.check_alive()
-        finally:
-            if child is not None:
-                child.stop()
         return self._result(
             system, warm, run, before_warmup, before, after, units_before, units_after, loadavg
         )
@@ -220,7 +245,9 @@ class _Bench:
                     by_route[name] = by_route.get(name, 0) + int(units)
         return used, by_route
 
-    def _snapshot(self, pid: int, metrics_url: str | None) -> Snapshot:
+    def _snapshot(
+        self, pid: int, metrics_url: str | None, limit: cpu_limit.CpuLimit | None
+    ) -> Snapshot:
         stats = self.redis.info("commandstats")
         cpu = self.redis.info("cpu")
         batches = charges = None
@@ -238,6 +265,7 @@ class _Bench:
             redis_cpu_s=float(cpu["used_cpu_sys"]) + float(cpu["used_cpu_user"]),
             batches=batches,
             batched_charges=charges,
+            throttle=limit.throttled() if limit is not None else None,
         )
 
     def _result(
@@ -300,6 +328,10 @@ class _Bench:
             charges = after.batched_charges - before.batched_charges
             mean_batch = charges / batches if batches else 0.0
         cpu_us = (after.cpu_s - before.cpu_s) / n * 1e6
+        throttled: float | None = None
+        if after.throttle is not None and before.throttle is not None:
+            periods = after.throttle[0] - before.throttle[0]
+            throttled = (after.throttle[1] - before.throttle[1]) / periods if periods else 0.0
         return Result(
             system=system.name,
             label=system.label,
@@ -329,6 +361,8 @@ class _Bench:
             check_ok=not problems,
             problems=problems,
             loadavg=loadavg,
+            cpu_limit=system.cpu_limit,
+            throttled=throttled,
         )
 
 
@@ -374,6 +408,19 @@ def _choose(names: str | None, nproc: int, scaling: bool) -> list[System]:
         }
         chosen += [systems.metergate(w) for w in range(1, nproc + 1) if w not in have]
     return chosen
+
+
+def _curve(cpus_per_worker: float, most: int | None, nproc: int) -> list[System]:
+    """Metergate complete at 1..most workers, each worker's share ``cpus_per_worker`` CPUs."""
+    if not 0 < cpus_per_worker <= 1:
+        raise SystemExit("bench: --cpu-curve takes a share of one CPU, above 0 and at most 1")
+    if most is None:
+        # One worker per CPU at most, and at most half the machine's CPUs for the gateway:
+        # the rest is for the load that drives it.
+        most = max(1, min(nproc, int(nproc / 2 / cpus_per_worker + 1e-9)))
+    elif most < 1:
+        raise SystemExit("bench: --curve-workers must be at least 1")
+    return [systems.metergate(w, cpus_per_worker) for w in range(1, most + 1)]
 
 
 def _machine(wrk_bin: str) -> dict[str, Any]:
@@ -429,6 +476,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scaling", action="store_true", help="also metergate complete at workers = 1..nproc"
+    )
+    p.add_argument(
+        "--cpu-curve",
+        type=float,
+        metavar="CPUS",
+        help="also metergate complete at 1..N workers limited to CPUS a worker (a cgroup CPU "
+        f"quota, as --cpus gives a container; needs root); 0: not (default {CURVE_CPUS:g} "
+        "with the default systems)",
+    )
+    p.add_argument(
+        "--curve-workers",
+        type=int,
+        metavar="N",
+        help="the curve's most workers (default: as many as take half the machine's CPUs)",
     )
     p.add_argument(
         "--pin",

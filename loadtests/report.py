@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,9 @@ CPU_VS_NGINX = 4.0
 METERING_OVERHEAD = 0.15
 P99_OVER_DIRECT_MS = 2.0
 ROUND_TRIPS_WELL_BELOW_ONE = 0.5
+# "Throughput grows with the cores": under CPU limits, each worker added (with its share
+# of CPU) must add at least half of what the first worker served.
+WORKER_ADDS_AT_LEAST = 0.5
 
 
 @dataclass
@@ -47,6 +51,10 @@ class Result:
     rounds: int = 1
     cpu_us_min: float = 0.0
     cpu_us_max: float = 0.0
+    # A system run under a CPU limit (see loadtests.cpu_limit): the CPUs it was given, and
+    # the share of the limit's periods in which it used them all (1.0: always at its limit).
+    cpu_limit: float = 0.0
+    throttled: float | None = None
 
 
 # Figures of one run that are rates or latencies: a combined result takes their median.
@@ -62,6 +70,7 @@ _MEDIAN_FIELDS = (
     "evalsha_per_req",
     "round_trips_per_req",
     "mean_batch",
+    "throttled",
 )
 # Counts: a combined result holds their sums.
 _SUM_FIELDS = (
@@ -134,8 +143,8 @@ def evaluate_targets(results: Sequence[Result], connections: int) -> list[Target
     else:
         add(name, None, "needs metergate-1w and metergate-off")
     for r in results:
-        if r.kind != "metergate" or not r.metering or r.redis_tls:  # the issue's systems
-            continue
+        if r.kind != "metergate" or not r.metering or r.redis_tls or r.cpu_limit:
+            continue  # the issue's systems; a limited one's latency is its limit's
         name = f"{r.system} p99 at {connections} connections <= direct + {P99_OVER_DIRECT_MS:g} ms"
         if direct:
             limit = direct.p99_ms + P99_OVER_DIRECT_MS
@@ -152,6 +161,17 @@ def evaluate_targets(results: Sequence[Result], connections: int) -> list[Target
         )
     else:
         add(name, None, "needs metergate-1w with /metrics")
+    curve = curve_rows(results)
+    name = (
+        "throughput grows with the CPUs the workers get: each worker adds "
+        f">= {WORKER_ADDS_AT_LEAST:g} x one worker's req/s (under CPU limits)"
+    )
+    if len(curve) >= 2:
+        steps = [b["speedup"] - a["speedup"] for a, b in itertools.pairwise(curve)]
+        speedups = ", ".join(f"{c['workers']}: {c['speedup']:.2f}" for c in curve)
+        add(name, min(steps) >= WORKER_ADDS_AT_LEAST, f"speedup by workers {speedups}")
+    else:
+        add(name, None, "needs the CPU-limited curve (--cpu-curve, as root)")
     bad = [r.system for r in results if not r.check_ok]
     add(
         "every request answered 200; Redis units == served requests x cost",
@@ -163,7 +183,11 @@ def evaluate_targets(results: Sequence[Result], connections: int) -> list[Target
 
 def scaling_rows(results: Sequence[Result]) -> list[dict[str, float]]:
     runs = sorted(
-        (r for r in results if r.kind == "metergate" and r.metering and not r.redis_tls),
+        (
+            r
+            for r in results
+            if r.kind == "metergate" and r.metering and not r.redis_tls and not r.cpu_limit
+        ),
         key=lambda r: r.workers,
     )
     if not runs:
@@ -176,6 +200,26 @@ def scaling_rows(results: Sequence[Result]) -> list[dict[str, float]]:
             "speedup": round(r.rps / base, 2) if base else 0.0,
             "cpu_us_per_req": round(r.cpu_us_per_req, 1),
             "p99_ms": round(r.p99_ms, 2),
+        }
+        for r in runs
+    ]
+
+
+def curve_rows(results: Sequence[Result]) -> list[dict[str, float]]:
+    """Metergate complete under CPU limits, by workers; speedup against its one worker."""
+    runs = sorted(
+        (r for r in results if r.kind == "metergate" and r.metering and r.cpu_limit),
+        key=lambda r: r.workers,
+    )
+    base = next((r.rps for r in runs if r.workers == 1), 0.0)
+    return [
+        {
+            "workers": r.workers,
+            "cpus": r.cpu_limit,
+            "rps": round(r.rps),
+            "speedup": round(r.rps / base, 2) if base else 0.0,
+            "cpu_us_per_req": round(r.cpu_us_per_req, 1),
+            "throttled": round(r.throttled or 0.0, 2),
         }
         for r in runs
     ]
@@ -229,6 +273,24 @@ def render(
             f"| {s['workers']} | {s['rps']:,.0f} | {s['speedup']:.2f} "
             f"| {s['cpu_us_per_req']:.1f} | {s['p99_ms']:.2f} |"
             for s in scaling
+        ]
+    curve = curve_rows(results)
+    if curve:
+        lines += ["", "### Scaling under CPU limits: metergate complete by workers", ""]
+        lines += [
+            "| workers | CPUs | req/s | speedup | CPU µs/req | periods at the limit |",
+            "|" + "---:|" * 6,
+        ]
+        lines += [
+            f"| {c['workers']} | {c['cpus']:g} | {c['rps']:,.0f} | {c['speedup']:.2f} "
+            f"| {c['cpu_us_per_req']:.1f} | {c['throttled']:.0%} |"
+            for c in curve
+        ]
+        lines += [
+            "",
+            "Each row's processes shared a cgroup CPU quota of the CPUs shown (as a container's "
+            "`--cpus`), so the load side kept CPU to spare; 'periods at the limit': the share "
+            "of the quota's periods in which the gateway used it all.",
         ]
     problems = [(r.system, p) for r in results for p in r.problems]
     if problems:

@@ -22,6 +22,8 @@ class System:
     workers: int = 1
     label: str = ""
     redis_tls: bool = False  # metergate's Redis over TLS (rediss://)
+    # CPUs its processes may use together (a cgroup quota, see cpu_limit); 0: no limit.
+    cpu_limit: float = 0.0
     # A command metergate runs under (valgrind, for loadtests.instructions): it starts slower.
     wrapper: tuple[str, ...] = ()
 
@@ -64,13 +66,19 @@ TLS_SYSTEM = System(
 )
 
 
-def metergate(workers: int) -> System:
+def metergate(workers: int, cpus_per_worker: float = 0.0) -> System:
+    """Metergate complete; with ``cpus_per_worker``, limited to that many CPUs a worker."""
+    label = f"metergate complete, {workers} worker{'s' if workers > 1 else ''}"
+    if not cpus_per_worker:
+        return System(f"metergate-{workers}w", "metergate", True, workers, label)
+    cpus = workers * cpus_per_worker
     return System(
-        f"metergate-{workers}w",
+        f"metergate-{workers}w-cpus{cpus:g}",
         "metergate",
-        metering=True,
-        workers=workers,
-        label=f"metergate complete, {workers} worker{'s' if workers > 1 else ''}",
+        True,
+        workers,
+        f"{label}, limited to {cpus:g} CPUs",
+        cpu_limit=cpus,
     )
 
 

@@ -6,7 +6,31 @@ from dataclasses import replace
 
 import pytest
 
-from loadtests.report import Result, evaluate_targets, median_result, render, scaling_rows
+from loadtests.report import (
+    Result,
+    curve_rows,
+    evaluate_targets,
+    median_result,
+    render,
+    scaling_rows,
+)
+
+_MACHINE = {
+    "date": "2026-11-25T00:00:00Z",
+    "cpu_model": "test CPU",
+    "nproc": 2,
+    "kernel": "6",
+    "python": "3.11",
+    "commit": "abc",
+}
+_SETTINGS = {
+    "threads": 2,
+    "connections": 64,
+    "duration": 10.0,
+    "warmup": 2.0,
+    "accounts": 8,
+    "rounds": 3,
+}
 
 
 def _result(system: str = "metergate-1w", cpu: float = 40.0, **fields: object) -> Result:
@@ -81,23 +105,7 @@ def test_the_metering_target_compares_the_two_medians() -> None:
 
 def test_the_table_shows_the_spread_and_how_many_rounds() -> None:
     combined = median_result([_result(cpu=c) for c in (38.0, 40.0, 52.0)])
-    machine = {
-        "date": "2026-11-25T00:00:00Z",
-        "cpu_model": "test CPU",
-        "nproc": 2,
-        "kernel": "6",
-        "python": "3.11",
-        "commit": "abc",
-    }
-    settings = {
-        "threads": 2,
-        "connections": 64,
-        "duration": 10.0,
-        "warmup": 2.0,
-        "accounts": 8,
-        "rounds": 3,
-    }
-    text = render([combined], [], [], machine, settings)
+    text = render([combined], [], [], _MACHINE, _SETTINGS)
     assert "median of 3 rounds" in text
     assert "| 40.0 | 38.0-52.0 |" in text
 
@@ -113,3 +121,69 @@ def test_the_scaling_curve_leaves_out_redis_over_tls() -> None:
         (1, 1000.0, 1.0),
         (2, 1500.0, 1.5),
     ]
+
+
+def _limited(workers: int, rps: float, cpus_per_worker: float = 0.25) -> Result:
+    return _result(
+        f"metergate-{workers}w-cpus{workers * cpus_per_worker:g}",
+        workers=workers,
+        rps=rps,
+        p99_ms=80.0,
+        cpu_limit=workers * cpus_per_worker,
+        throttled=0.97,
+    )
+
+
+def _scaling_target(results: list[Result]) -> dict[str, object]:
+    targets = evaluate_targets(results, connections=64)
+    return next(t for t in targets if t["target"].startswith("throughput grows"))
+
+
+def test_the_cpu_limited_curve_is_kept_apart_from_the_unlimited_runs() -> None:
+    results = [
+        _result("direct", kind="direct", metering=False, p99_ms=2.0),
+        _result(rps=20000.0),
+        _limited(1, 5000.0),
+        _limited(2, 9000.0),
+    ]
+    assert [r["workers"] for r in scaling_rows(results)] == [1]
+    assert curve_rows(results) == [
+        {
+            "workers": 1,
+            "cpus": 0.25,
+            "rps": 5000,
+            "speedup": 1.0,
+            "cpu_us_per_req": 40.0,
+            "throttled": 0.97,
+        },
+        {
+            "workers": 2,
+            "cpus": 0.5,
+            "rps": 9000,
+            "speedup": 1.8,
+            "cpu_us_per_req": 40.0,
+            "throttled": 0.97,
+        },
+    ]
+    # A limited run's latency is the quota's pauses: not judged against direct's.
+    p99 = [t["target"] for t in evaluate_targets(results, 64) if "p99" in t["target"]]
+    assert p99 == ["metergate-1w p99 at 64 connections <= direct + 2 ms"]
+
+
+def test_each_worker_must_add_half_a_workers_throughput() -> None:
+    grows = _scaling_target([_limited(1, 5000.0), _limited(2, 9000.0), _limited(3, 11600.0)])
+    assert grows["status"] == "PASS"
+    assert grows["detail"] == "speedup by workers 1: 1.00, 2: 1.80, 3: 2.32"
+    # The third worker added 0.44 of the first's 5,000 req/s.
+    flat = _scaling_target([_limited(1, 5000.0), _limited(2, 9000.0), _limited(3, 11200.0)])
+    assert flat["status"] == "FAIL"
+
+
+def test_the_scaling_target_needs_a_curve() -> None:
+    assert _scaling_target([_result(), _limited(1, 5000.0)])["status"] == "n/a"
+
+
+def test_the_table_shows_the_curve_and_how_often_the_limit_held() -> None:
+    text = render([_limited(1, 5000.0), _limited(2, 9000.0)], [], [], _MACHINE, _SETTINGS)
+    assert "### Scaling under CPU limits" in text
+    assert "| 2 | 0.5 | 9,000 | 1.80 | 40.0 | 97% |" in text
