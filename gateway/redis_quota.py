@@ -521,6 +521,7 @@ class RedisQuotaStore:
                 await self._redis.initialize()
             results = await self._execute(batch)
             retry = [c for c, r in zip(batch, results, strict=True) if _noscript(r) and c.waited()]
+            reload_failed: Exception | None = None
             # Settle what ran before reloading: those charges are applied, so a failure of
             # the reload must not turn them into 503s the customer still pays for. A
             # NOSCRIPT whose caller is gone did not run: its late hook is told so.
@@ -528,16 +529,13 @@ class RedisQuotaStore:
             _settle([(c, r) for c, r in zip(batch, results, strict=True) if id(c) not in retried])
             if retry:
                 # Not executed (the script cache was flushed, or a new server): load the
-                # scripts and run exactly those calls again, those still waited for. A
-                # cluster client sends SCRIPT LOAD to every primary, so the node that
-                # answered NOSCRIPT has it too.
-                for source in {c.source for c in retry}:
-                    await self._redis.script_load(source)
-                again = [c for c in retry if c.waited()]
-                _settle([(c, NOT_RUN) for c in retry if not c.waited()])
+                # scripts and run exactly those calls again, those still waited for.
+                loaded, reload_failed = await self._reload(retry)
+                again = [c for c in loaded if c.waited()]
+                _settle([(c, NOT_RUN) for c in retry if not c.waited() or c not in loaded])
                 if again:
                     _settle(list(zip(again, await self._execute(again), strict=True)))
-            trouble = next((r for r in results if r is LOST or r is NOT_SENT), None)
+            trouble = next((r for r in results if r is LOST or r is NOT_SENT), reload_failed)
             if trouble is not None:  # a node, or a connection, failed: logged once
                 self._outage.failed(trouble)
             else:
@@ -557,6 +555,38 @@ class RedisQuotaStore:
             if held:
                 held = False
                 slots.release()
+
+    async def _reload(self, calls: list[_Call]) -> tuple[list[_Call], Exception | None]:
+        """Load the scripts ``calls`` met NOSCRIPT for where they run: the calls whose
+        server has them now, and a node's failure to load them. On a cluster, only those
+        calls' nodes are asked, each on its own: redis-py's script_load asks every
+        primary, so one node down would fail the calls of the nodes that are up. A node
+        that fails its load fails its own calls (they did not run). Raises when a single
+        server fails it."""
+        client = self._redis
+        if not isinstance(client, RedisCluster):
+            for source in {c.source for c in calls}:
+                await client.script_load(source)
+            return calls, None
+        groups: dict[str, tuple[ClusterNode, list[_Call]]] = {}
+        for call in calls:
+            try:
+                node = client.get_node_from_key(call.args[1])
+            except Exception:  # a slot no node serves: the call is not run
+                node = None
+            if node is not None:
+                groups.setdefault(node.name, (node, []))[1].append(call)
+        loaded: list[_Call] = []
+        failed: Exception | None = None
+        for node, group in groups.values():
+            try:
+                for source in {c.source for c in group}:
+                    await client.execute_command("SCRIPT LOAD", source, target_nodes=node)
+            except REDIS_ERRORS as exc:
+                failed = exc
+                continue
+            loaded += group
+        return loaded, failed
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
         """Each call's reply, Redis's error reply, or LOST for a call sent whose reply never

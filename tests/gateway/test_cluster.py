@@ -262,7 +262,7 @@ async def test_refund_on_503_and_noscript_recovery(
         assert await cluster_client.script_exists(CHARGE_SHA) == [False]
         assert await asyncio.gather(*(get(a, "/signals") for a in accounts)) == [200] * 3
         assert [await _used(cluster_client, a) for a in accounts] == [1, 1, 1]
-        # Reloaded on every primary, so also on each node that answered NOSCRIPT.
+        # Reloaded on each node that answered NOSCRIPT: here, every primary.
         assert await cluster_client.script_exists(CHARGE_SHA) == [True]
 
         # One alone, after another flush, is reloaded and run once too.
@@ -349,6 +349,36 @@ async def test_a_node_down_fails_its_own_charges_and_not_the_others(
             assert [await _used(client, a) for a in accounts[:2]] == [1, 1]
             # Logged as an outage, though other nodes answered the same batch.
             assert "redis unavailable, charges fail until it is back" in caplog.text
+        finally:
+            await store.aclose()
+            await client.aclose()
+
+
+async def test_scripts_are_reloaded_on_the_nodes_that_lack_them_while_another_is_down(
+    tmp_path: Path, clock: Clock
+) -> None:
+    """No node has the scripts yet (a new cluster, or after SCRIPT FLUSH) and one node is
+    down: the charges of the nodes that answer NOSCRIPT are loaded there and run once;
+    asking every primary would fail on the one that is down, and them with it."""
+    with _started_cluster(tmp_path) as (ports, procs):
+        client = create_client(f"redis+cluster://127.0.0.1:{ports[0]}", timeout=0.5)
+        store = RedisQuotaStore(client, load_test_config("http://127.0.0.1:9"), clock=clock)
+        try:
+            assert isinstance(client, RedisCluster)
+            await client.initialize()
+            accounts = sorted(_spread(client, 1), key=lambda a: _port_of(client, a) != ports[0])
+            down = procs[ports.index(_port_of(client, accounts[2]))]
+            down.kill()
+            down.wait()
+            outcomes = await asyncio.gather(
+                *(store.charge(a, "/signals", 1) for a in accounts), return_exceptions=True
+            )
+            assert [getattr(d, "used", None) for d in outcomes[:2]] == [1, 1], outcomes
+            assert isinstance(outcomes[2], QuotaStoreUnavailable)
+            assert [await _used(client, a) for a in accounts[:2]] == [1, 1]
+            for account in accounts[:2]:
+                reply = _command(_port_of(client, account), "SCRIPT", "EXISTS", CHARGE_SHA)
+                assert reply == b"*1\r\n:1\r\n"
         finally:
             await store.aclose()
             await client.aclose()
