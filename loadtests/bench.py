@@ -204,10 +204,13 @@ class _Bench:
                 stack.callback(child.stop)
                 if system.cpu_limit:
                     # Closed first: it moves the processes out, then they are stopped.
-                    limit = stack.enter_context(
-                        cpu_limit.CpuLimit(f"metergate-bench-{system.name}", system.cpu_limit)
-                    )
-                    limit.add_tree(child.pid)
+                    try:
+                        limit = stack.enter_context(
+                            cpu_limit.CpuLimit(f"metergate-bench-{system.name}", system.cpu_limit)
+                        )
+                        limit.add_tree(child.pid)
+                    except OSError as exc:  # skips this system, as one that cannot start
+                        raise RuntimeError(f"cannot limit its CPU: {exc}") from None
             units_before = self._units(accounts)
             before_warmup = self._snapshot(pid, metrics_url, limit)
             warm = self._wrk(url, script, self.args.warmup)
