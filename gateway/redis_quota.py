@@ -530,11 +530,13 @@ class RedisQuotaStore:
             if retry:
                 # Not executed (the script cache was flushed, or a new server): load the
                 # scripts and run exactly those calls again, those still waited for.
-                loaded, reload_failed = await self._reload(retry)
+                loaded, reload_failed = await self._reload(retry, deadline_at)
                 again = [c for c in loaded if c.waited()]
-                _settle([(c, NOT_RUN) for c in retry if not c.waited() or c not in loaded])
+                rerun = {id(c) for c in again}
+                _settle([(c, NOT_RUN) for c in retry if id(c) not in rerun])
                 if again:
-                    _settle(list(zip(again, await self._execute(again), strict=True)))
+                    results = [*results, *await self._execute(again)]
+                    _settle(list(zip(again, results[len(batch) :], strict=True)))
             trouble = next((r for r in results if r is LOST or r is NOT_SENT), reload_failed)
             if trouble is not None:  # a node, or a connection, failed: logged once
                 self._outage.failed(trouble)
@@ -556,36 +558,47 @@ class RedisQuotaStore:
                 held = False
                 slots.release()
 
-    async def _reload(self, calls: list[_Call]) -> tuple[list[_Call], Exception | None]:
-        """Load the scripts ``calls`` met NOSCRIPT for where they run: the calls whose
-        server has them now, and a node's failure to load them. On a cluster, only those
-        calls' nodes are asked, each on its own: redis-py's script_load asks every
-        primary, so one node down would fail the calls of the nodes that are up. A node
-        that fails its load fails its own calls (they did not run). Raises when a single
-        server fails it."""
+    async def _reload(
+        self, calls: list[_Call], deadline_at: float
+    ) -> tuple[list[_Call], Exception | None]:
+        """Load the scripts ``calls`` met NOSCRIPT for: the calls whose server has them
+        now, and a failure to load them. Raises when a single server fails it.
+
+        On a cluster every primary is asked (a call may have met NOSCRIPT on the node an
+        ASK sent it to, which the slot map does not name), but each on its own and all at
+        once, each for no longer than the callers wait: redis-py's script_load raises if
+        one primary fails, so one node down would fail the calls of the nodes that are up.
+        A call whose node failed its load did not run, and fails alone."""
         client = self._redis
         if not isinstance(client, RedisCluster):
             for source in {c.source for c in calls}:
                 await client.script_load(source)
             return calls, None
-        groups: dict[str, tuple[ClusterNode, list[_Call]]] = {}
-        for call in calls:
-            try:
-                node = client.get_node_from_key(call.args[1])
-            except Exception:  # a slot no node serves: the call is not run
-                node = None
-            if node is not None:
-                groups.setdefault(node.name, (node, []))[1].append(call)
-        loaded: list[_Call] = []
+        sources = {c.source for c in calls}
+        nodes = client.get_primaries()
+        outcomes = await asyncio.gather(
+            *(_load_on(client, node, sources, deadline_at) for node in nodes),
+            return_exceptions=True,
+        )
         failed: Exception | None = None
-        for node, group in groups.values():
+        down: set[str] = set()
+        for primary, outcome in zip(nodes, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, Exception):
+                    raise outcome  # cancelled
+                failed = outcome
+                down.add(primary.name)
+        loaded: list[_Call] = []
+        for call in calls:
+            owner: ClusterNode | None = None
             try:
-                for source in {c.source for c in group}:
-                    await client.execute_command("SCRIPT LOAD", source, target_nodes=node)
-            except REDIS_ERRORS as exc:
+                owner = client.get_node_from_key(call.args[1])
+            except Exception as exc:  # a slot no node serves: the call is not run
                 failed = exc
-                continue
-            loaded += group
+            if owner is None:
+                failed = failed or ConnectionError("no node for the key")
+            elif owner.name not in down:
+                loaded.append(call)
         return loaded, failed
 
     async def _execute(self, batch: list[_Call]) -> list[Any]:
@@ -828,6 +841,15 @@ def _time_out(calls: Iterable[_Call]) -> None:
 NOT_RUN = QuotaStoreUnavailable("redis did not run the script (NOSCRIPT)")
 # A call of a batch whose node could not be reached: never sent.
 NOT_SENT = QuotaStoreUnavailable("redis unavailable: no connection to the node")
+
+
+async def _load_on(
+    cluster: RedisCluster, node: ClusterNode, sources: set[bytes], deadline_at: float
+) -> None:
+    """The scripts loaded on one node, by ``deadline_at`` (loop time) or TimeoutError."""
+    async with asyncio.timeout_at(deadline_at):
+        for source in sources:
+            await cluster.execute_command("SCRIPT LOAD", source, target_nodes=node)
 
 
 async def _cluster_pipelined(
