@@ -203,11 +203,13 @@ class _Bench:
             if child is not None:
                 stack.callback(child.stop)
                 if system.cpu_limit:
-                    # Closed first: it moves the processes out, then they are stopped.
                     try:
-                        limit = stack.enter_context(
-                            cpu_limit.CpuLimit(f"metergate-bench-{system.name}", system.cpu_limit)
+                        limit = cpu_limit.CpuLimit(
+                            f"metergate-bench-{system.name}", system.cpu_limit
                         )
+                        # Last in, first out: the child is stopped, then its group removed.
+                        stack.callback(_remove, limit)
+                        stack.callback(child.stop)
                         limit.add_tree(child.pid)
                     except OSError as exc:  # skips this system, as one that cannot start
                         raise RuntimeError(f"cannot limit its CPU: {exc}") from None
@@ -367,6 +369,14 @@ class _Bench:
             cpu_limit=system.cpu_limit,
             throttled=throttled,
         )
+
+
+def _remove(limit: cpu_limit.CpuLimit) -> None:
+    """A group that cannot be removed is reported, not fatal: the figures are measured."""
+    try:
+        limit.close()
+    except OSError as exc:
+        print(f"bench: could not remove the cgroup {limit.path}: {exc}", file=sys.stderr)
 
 
 def _served(before: Snapshot, after: Snapshot) -> dict[str, int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from loadtests.procs import tree
@@ -84,13 +85,18 @@ class CpuLimit:
         return int(stat.get("nr_periods", 0)), int(stat.get("nr_throttled", 0))
 
     def close(self) -> None:
-        """Move out any process left in the group, then remove it."""
-        if not self.path.exists():
-            return
-        for pid in (self.path / "cgroup.procs").read_text().split():
-            with contextlib.suppress(ProcessLookupError):
-                (self.path.parent / "cgroup.procs").write_text(pid)
-        self.path.rmdir()
+        """Remove the group, once its processes have exited (stop them first): raises
+        OSError if one is still in it after a few tries, which leaves the group behind."""
+        for attempt in range(20):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:  # EBUSY: a process is still in it (exiting, or not reaped)
+                if attempt == 19:
+                    raise
+                time.sleep(0.05)
 
     def __enter__(self) -> CpuLimit:
         return self

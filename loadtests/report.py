@@ -161,17 +161,21 @@ def evaluate_targets(results: Sequence[Result], connections: int) -> list[Target
         )
     else:
         add(name, None, "needs metergate-1w with /metrics")
-    curve = curve_rows(results)
     name = (
         "throughput grows with the CPUs the workers get: each worker adds "
         f">= {WORKER_ADDS_AT_LEAST:g} x one worker's req/s (under CPU limits)"
     )
-    if len(curve) >= 2:
-        steps = [b["speedup"] - a["speedup"] for a, b in itertools.pairwise(curve)]
-        speedups = ", ".join(f"{c['workers']}: {c['speedup']:.2f}" for c in curve)
-        add(name, min(steps) >= WORKER_ADDS_AT_LEAST, f"speedup by workers {speedups}")
+    curve = _curve_runs(results)
+    if len(curve) >= 2 and curve[0].workers == 1 and curve[0].rps > 0:
+        base = curve[0].rps
+        # Per worker added, so a run missing from the middle is not a step of two.
+        added = [
+            (b.rps - a.rps) / base / (b.workers - a.workers) for a, b in itertools.pairwise(curve)
+        ]
+        speedups = ", ".join(f"{r.workers}: {r.rps / base:.2f}" for r in curve)
+        add(name, min(added) >= WORKER_ADDS_AT_LEAST, f"speedup by workers {speedups}")
     else:
-        add(name, None, "needs the CPU-limited curve (--cpu-curve, as root)")
+        add(name, None, "needs the CPU-limited curve from 1 worker (--cpu-curve, as root)")
     bad = [r.system for r in results if not r.check_ok]
     add(
         "every request answered 200; Redis units == served requests x cost",
@@ -205,12 +209,17 @@ def scaling_rows(results: Sequence[Result]) -> list[dict[str, float]]:
     ]
 
 
-def curve_rows(results: Sequence[Result]) -> list[dict[str, float]]:
-    """Metergate complete under CPU limits, by workers; speedup against its one worker."""
-    runs = sorted(
+def _curve_runs(results: Sequence[Result]) -> list[Result]:
+    return sorted(
         (r for r in results if r.kind == "metergate" and r.metering and r.cpu_limit),
         key=lambda r: r.workers,
     )
+
+
+def curve_rows(results: Sequence[Result]) -> list[dict[str, float]]:
+    """Metergate complete under CPU limits, by workers; speedup against its one worker
+    (0 without a one-worker run)."""
+    runs = _curve_runs(results)
     base = next((r.rps for r in runs if r.workers == 1), 0.0)
     return [
         {

@@ -179,8 +179,15 @@ def test_each_worker_must_add_half_a_workers_throughput() -> None:
     assert flat["status"] == "FAIL"
 
 
-def test_the_scaling_target_needs_a_curve() -> None:
+def test_a_step_over_a_missing_run_counts_per_worker_added() -> None:
+    # 1 -> 3 workers added 4,000 req/s: 0.4 of the first worker's 5,000 a worker.
+    assert _scaling_target([_limited(1, 5000.0), _limited(3, 9000.0)])["status"] == "FAIL"
+    assert _scaling_target([_limited(1, 5000.0), _limited(3, 10000.0)])["status"] == "PASS"
+
+
+def test_the_scaling_target_needs_a_curve_from_one_worker() -> None:
     assert _scaling_target([_result(), _limited(1, 5000.0)])["status"] == "n/a"
+    assert _scaling_target([_limited(2, 9000.0), _limited(3, 13000.0)])["status"] == "n/a"
 
 
 def test_the_table_shows_the_curve_and_how_often_the_limit_held() -> None:
