@@ -121,6 +121,10 @@ class GatewaySection(_Frozen, frozen=True):
     listen: str = "127.0.0.1:8080"
     # 0 means one worker process per CPU.
     workers: NonNegInt = 1
+    # How several workers share the connections: "kernel" (SO_REUSEPORT, by a hash of
+    # each connection's addresses) or "exact" (the starting process accepts and hands
+    # each to the worker with the fewest; gateway/balance.py).
+    balance: Literal["kernel", "exact"] = "kernel"
     access_log: bool = False
     # host:port of a listener of its own for /metrics (also /healthz and /readyz), which
     # the public port then no longer answers; "" serves /metrics on the public port.

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit
@@ -35,8 +36,11 @@ STORE = web.AppKey("store", RedisQuotaStore)
 PROXY = web.AppKey("proxy", Proxy)
 
 
-def gateway_sites(settings: Settings, *, reuse_port: bool = False) -> list[Site]:
-    """What `metergate gateway` serves: the gateway, and its metrics listener if set."""
+def gateway_sites(
+    settings: Settings, *, reuse_port: bool = False, channel: socket.socket | None = None
+) -> list[Site]:
+    """What `metergate gateway` serves: the gateway (on its port, or on the connections
+    a balancer hands over on ``channel``), and its metrics listener if set."""
     app = create_app(settings)
     config = settings.config
     separate = settings.metrics_host is not None
@@ -49,6 +53,7 @@ def gateway_sites(settings: Settings, *, reuse_port: bool = False) -> list[Site]
             handler=functools.partial(gateway_handler, metrics=not separate),
             limits=config.limits,
             access_log=config.gateway.access_log,
+            channel=channel,
         )
     ]
     if settings.metrics_host is not None:

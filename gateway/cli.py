@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 
@@ -137,8 +138,9 @@ def _cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway_worker(index: int) -> None:
+def _gateway_worker(index: int, channel: socket.socket | None = None) -> None:
     # Runs in a spawned worker process: settings are read again from the same environment.
+    # With a channel, the gateway's connections come from the balancer on it.
     from gateway.app import gateway_sites
     from gateway.server import ListenError, run, serve
 
@@ -147,7 +149,8 @@ def _gateway_worker(index: int) -> None:
         # Each worker chooses for itself: one restarted after an edit may run the source.
         log.info("worker %d: hot path %s", index, compiled.describe())
     try:
-        run(serve(gateway_sites(settings, reuse_port=settings.workers > 1)))
+        sites = gateway_sites(settings, reuse_port=settings.workers > 1, channel=channel)
+        run(serve(sites))
     except ListenError as exc:
         if settings.workers == 1:
             raise
@@ -159,11 +162,14 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     settings = _settings()
     warn_dev_secret(settings)
     log.info(
-        "gateway on http://%s:%d (%d worker%s), redis %s, hot path %s",
+        "gateway on http://%s:%d (%d worker%s%s), redis %s, hot path %s",
         settings.gateway_host,
         settings.gateway_port,
         settings.workers,
         "" if settings.workers == 1 else "s",
+        ", exact balance"
+        if settings.workers > 1 and settings.config.gateway.balance == "exact"
+        else "",
         "configured" if settings.redis_url else "redis://127.0.0.1:6379/0 (default)",
         compiled.describe(),
     )
@@ -172,12 +178,16 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
         if settings.workers == 1:
             _gateway_worker(0)
             return 0
-        from gateway.server import check_listen, run_workers
+        from gateway.balance import Balancer
+        from gateway.server import bind, check_listen, run_workers
 
         # Checked here so a port in use is one line, not every worker failing in a loop.
-        check_listen(settings.gateway_host, settings.gateway_port, reuse_port=True)
         if settings.metrics_host is not None:
             check_listen(settings.metrics_host, settings.metrics_port, reuse_port=True)
+        if settings.config.gateway.balance == "exact":
+            balancer = Balancer(bind(settings.gateway_host, settings.gateway_port))
+            return run_workers(_gateway_worker, settings.workers, balancer=balancer)
+        check_listen(settings.gateway_host, settings.gateway_port, reuse_port=True)
         return run_workers(_gateway_worker, settings.workers)
 
     return _serving(gateway)

@@ -423,6 +423,9 @@ class _Connection(asyncio.Protocol):
         self.lost = True
         self._out = None
         self._server.connections.discard(self)
+        release = self._server.on_release
+        if release is not None:
+            release()
         for request in (self._active, self.parsing):
             if request is not None:
                 request._wake()
@@ -875,6 +878,9 @@ class FrontServer:
         self._held: list[_Connection] = []  # connections with answers sent this pass
         self.good_hosts: set[bytes] = set()  # Host values that passed the check
         self.closing = False
+        # Called as each connection ends, when a balancer hands this worker its
+        # connections (gateway.balance): it counts them.
+        self.on_release: Callable[[], None] | None = None
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
 

@@ -1,7 +1,9 @@
 """Running aiohttp apps: uvloop, graceful stop on SIGINT/SIGTERM, N workers on one port.
 
 Workers are separate processes that each bind the port with SO_REUSEPORT, so the kernel
-spreads connections across them; they share metrics through PROMETHEUS_MULTIPROC_DIR.
+spreads connections across them, or (gateway.balance = "exact") are handed each
+connection by the process that starts them (gateway/balance.py); they share metrics
+through PROMETHEUS_MULTIPROC_DIR.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from config.model import Limits
+from gateway.balance import Balancer, Receiver
 from gateway.front import FrontServer, Handler
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,25 @@ class ListenError(Exception):
 def address(host: str, port: int) -> str:
     """host:port as a URL or a log line writes it (an IPv6 host in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
+    """A socket listening on ``host:port`` (its first address); ListenError if it cannot."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(backlog)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise ListenError(host, port, exc) from None
+    return sock
 
 
 def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -74,6 +96,8 @@ class Site:
     handler: Callable[[web.Application], Handler] | None = None
     limits: Limits = field(default_factory=Limits)
     access_log: bool = False
+    # Connections handed over by a Balancer on this channel, instead of listening.
+    channel: socket.socket | None = None
 
 
 def run(main: Awaitable[None]) -> None:
@@ -112,7 +136,11 @@ async def serve(
                         site.handler(site.app), site.limits, access_log=site.access_log
                     )
                     stops.append(functools.partial(front.shutdown, shutdown_timeout))
-                    await front.listen(site.host, site.port, reuse_port=site.reuse_port)
+                    if site.channel is not None:
+                        receiver = Receiver(front, site.channel)
+                        stops.append(_closing(receiver))
+                    else:
+                        await front.listen(site.host, site.port, reuse_port=site.reuse_port)
                 else:
                     tcp = web.TCPSite(
                         runner, site.host, site.port, reuse_port=site.reuse_port, backlog=1024
@@ -129,6 +157,13 @@ async def serve(
             await stop_site()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+def _closing(receiver: Receiver) -> Callable[[], Awaitable[None]]:
+    async def close() -> None:  # first of the stops: no more connections come
+        receiver.close()
+
+    return close
 
 
 # Allocations between young-generation collections (CPython's default is 700).
@@ -152,13 +187,15 @@ MAX_FAST_EXITS = 5
 
 
 def run_workers(
-    target: Callable[[int], None],
+    target: Callable[..., None],
     workers: int,
     *,
+    balancer: Balancer | None = None,
     fast_exit_seconds: float = FAST_EXIT_SECONDS,
     max_fast_exits: int = MAX_FAST_EXITS,
 ) -> int:
-    """Start ``workers`` processes running ``target(index)``; restart any that crash.
+    """Start ``workers`` processes running ``target(index)``, or with a ``balancer``
+    ``target(index, channel)`` that it hands connections on; restart any that crash.
 
     Returns 0 after SIGINT/SIGTERM, 1 when a worker crash-loops at start.
     """
@@ -178,8 +215,16 @@ def run_workers(
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def start(index: int) -> None:
-        proc = ctx.Process(target=target, args=(index,), name=f"metergate-worker-{index}")
-        proc.start()
+        if balancer is None:
+            proc = ctx.Process(target=target, args=(index,), name=f"metergate-worker-{index}")
+            proc.start()
+        else:
+            channel = balancer.channel(index)
+            proc = ctx.Process(
+                target=target, args=(index, channel), name=f"metergate-worker-{index}"
+            )
+            with channel:  # the worker inherited its own copy
+                proc.start()
         procs[index] = proc
         started_at[index] = time.monotonic()
 
@@ -187,11 +232,16 @@ def run_workers(
         for index in range(workers):
             start(index)
         while not stopping:
-            time.sleep(0.2)
+            if balancer is None:
+                time.sleep(0.2)
+            else:
+                balancer.poll(0.2)
             for index, proc in list(procs.items()):
                 if proc.is_alive() or stopping:
                     continue
                 _mark_dead(metrics_dir, proc.pid)
+                if balancer is not None:
+                    balancer.drop(index)
                 if time.monotonic() - started_at[index] < fast_exit_seconds:
                     fast_exits[index] = fast_exits.get(index, 0) + 1
                 else:
@@ -209,6 +259,8 @@ def run_workers(
                 log.error("worker %d exited with %s; restarting", index, proc.exitcode)
                 start(index)
     finally:
+        if balancer is not None:
+            balancer.close()  # first: new connections are refused while the workers drain
         for proc in procs.values():
             if proc.is_alive() and proc.pid is not None:
                 os.kill(proc.pid, signal.SIGTERM)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -187,6 +188,105 @@ async def test_gateway_workers_share_port_and_metrics(
             assert m, text[:2000]
             assert float(m.group(1)) == sent
     finally:
+        code, stderr = _stop(proc, signal.SIGTERM)
+    assert code == 0, stderr
+
+
+def _exact_config(tmp_path: Path) -> str:
+    text = (ROOT / "gateway.toml").read_text()
+    path = tmp_path / "exact.toml"
+    path.write_text(text.replace("[gateway]\n", '[gateway]\nbalance = "exact"\n', 1))
+    return str(path)
+
+
+def _served_by(client: socket.socket, port: int, workers: list[int]) -> int:
+    """The worker process holding the server's end of ``client``'s connection."""
+    mine = client.getsockname()[1]
+    inode = next(
+        fields[9]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if (fields := line.split())
+        and int(fields[1].split(":")[1], 16) == port
+        and int(fields[2].split(":")[1], 16) == mine
+    )
+    for pid in workers:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+    raise AssertionError(f"no worker holds the connection from port {mine}")
+
+
+def _get(client: socket.socket, account: str) -> int:
+    """One keep-alive GET /signals on ``client``; its status."""
+    token = auth(account)["Authorization"]
+    client.sendall(f"GET /signals HTTP/1.1\r\nHost: x\r\nAuthorization: {token}\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += client.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += client.recv(65536)
+    return int(head.split()[1])
+
+
+@pytest.mark.slow
+async def test_exact_balance_gives_each_worker_as_many_connections(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis, start_upstream
+) -> None:
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    proc, port = _two_workers(
+        str(upstream.make_url("")), redis_url, METERGATE_CONFIG=_exact_config(tmp_path)
+    )
+    clients: list[socket.socket] = []
+    try:
+        await _wait_http(f"http://127.0.0.1:{port}/healthz")
+
+        def workers() -> list[int]:
+            return [
+                int(p)
+                for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            ]
+
+        def connect(count: int) -> list[socket.socket]:
+            new = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(count)]
+            clients.extend(new)
+            for client in new:  # served, on a connection kept open
+                assert _get(client, "acct-exact") == 200
+            return new
+
+        def by_worker(group: list[socket.socket]) -> dict[int, list[socket.socket]]:
+            out: dict[int, list[socket.socket]] = {}
+            for client in group:
+                out.setdefault(_served_by(client, port, workers()), []).append(client)
+            return out
+
+        first = await asyncio.to_thread(connect, 8)
+        split = await asyncio.to_thread(by_worker, first)
+        assert sorted(len(held) for held in split.values()) == [4, 4]
+        # Three of one worker's connections end: the next three go to it.
+        busy, other = split
+        for client in split[busy][:3]:
+            client.close()
+        await asyncio.sleep(0.5)  # its note reaches the balancer
+        later = await asyncio.to_thread(connect, 3)
+        assert set(await asyncio.to_thread(by_worker, later)) == {busy}
+        # A worker killed is restarted, and its successor, holding none, gets the next.
+        children = len(workers())
+        os.kill(other, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while other in workers() or len(workers()) < children:
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            await asyncio.sleep(0.1)
+        after = await asyncio.to_thread(connect, 3)
+        (successor,) = set(await asyncio.to_thread(by_worker, after))
+        assert successor not in (busy, other)
+        used = int(await redis_client.hget("mg:{acct-exact}:usage", "used") or 0)
+        assert used == 14
+    finally:
+        for client in clients:
+            client.close()
         code, stderr = _stop(proc, signal.SIGTERM)
     assert code == 0, stderr
 

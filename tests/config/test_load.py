@@ -16,6 +16,7 @@ BAD = Path(__file__).parent / "bad"
 
 # Each file under bad/ breaks one rule; the error must name this key.
 EXPECTED = {
+    "bad_balance": "gateway.balance",
     "bad_listen": "gateway.listen",
     "bad_refund_status": "metering.refund_statuses",
     "bad_route_path": "routes[2].path",
