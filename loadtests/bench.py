@@ -368,6 +368,7 @@ class _Bench:
             loadavg=loadavg,
             cpu_limit=system.cpu_limit,
             throttled=throttled,
+            balance=system.balance,
         )
 
 
@@ -405,19 +406,23 @@ def _choose(names: str | None, nproc: int, scaling: bool) -> list[System]:
     if names:
         chosen = []
         for name in (n.strip() for n in names.split(",") if n.strip()):
-            workers = re.fullmatch(r"metergate-(\d+)w", name)
+            workers = re.fullmatch(r"metergate-(\d+)w(-exact)?", name)
             if name in by_name:
                 chosen.append(by_name[name])
+            elif workers and workers.group(2):
+                chosen.append(systems.exact_balance(int(workers.group(1))))
             elif workers:
                 chosen.append(systems.metergate(int(workers.group(1))))
             else:
-                valid = ", ".join([*by_name, "metergate-<N>w"])
+                valid = ", ".join([*by_name, "metergate-<N>w", "metergate-<N>w-exact"])
                 raise SystemExit(f"bench: unknown system {name!r}; choose from {valid}")
     else:
         chosen = list(defaults)
     if scaling:
         have = {
-            s.workers for s in chosen if s.kind == "metergate" and s.metering and not s.redis_tls
+            s.workers
+            for s in chosen
+            if s.kind == "metergate" and s.metering and not s.redis_tls and s.balance == "kernel"
         }
         chosen += [systems.metergate(w) for w in range(1, nproc + 1) if w not in have]
     return chosen
@@ -485,7 +490,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--systems",
         help="comma-separated: direct,nginx,yardstick,metergate-off,metergate-1w,"
-        "metergate-<N>w (default: these, N = nproc), metergate-1w-tls (Redis over TLS)",
+        "metergate-<N>w,metergate-<N>w-exact (default: these, N = nproc; -exact: with "
+        "gateway.balance = exact), metergate-1w-tls (Redis over TLS)",
     )
     p.add_argument(
         "--scaling", action="store_true", help="also metergate complete at workers = 1..nproc"

@@ -51,6 +51,7 @@ class Result:
     rounds: int = 1
     cpu_us_min: float = 0.0
     cpu_us_max: float = 0.0
+    balance: str = "kernel"  # metergate's gateway.balance
     # A system run under a CPU limit (see loadtests.cpu_limit): the CPUs it was given, and
     # the share of the limit's periods in which it used them all (1.0: always at its limit).
     cpu_limit: float = 0.0
@@ -190,7 +191,11 @@ def scaling_rows(results: Sequence[Result]) -> list[dict[str, float]]:
         (
             r
             for r in results
-            if r.kind == "metergate" and r.metering and not r.redis_tls and not r.cpu_limit
+            if r.kind == "metergate"
+            and r.metering
+            and not r.redis_tls
+            and not r.cpu_limit
+            and r.balance == "kernel"
         ),
         key=lambda r: r.workers,
     )

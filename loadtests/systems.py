@@ -24,6 +24,7 @@ class System:
     redis_tls: bool = False  # metergate's Redis over TLS (rediss://)
     # CPUs its processes may use together (a cgroup quota, see cpu_limit); 0: no limit.
     cpu_limit: float = 0.0
+    balance: str = "kernel"  # metergate's gateway.balance, with several workers
     # A command metergate runs under (valgrind, for loadtests.instructions): it starts slower.
     wrapper: tuple[str, ...] = ()
 
@@ -40,6 +41,7 @@ class Environment:
 
 
 def default_systems(nproc: int) -> list[System]:
+    exact = [exact_balance(nproc)] if nproc > 1 else []
     return [
         System("direct", "direct", label="direct to the backend (no proxy)"),
         System("nginx", "nginx", label="nginx proxy_pass, upstream keepalive"),
@@ -53,6 +55,7 @@ def default_systems(nproc: int) -> list[System]:
             workers=nproc,
             label=f"metergate complete, {nproc} workers",
         ),
+        *exact,
     ]
 
 
@@ -79,6 +82,18 @@ def metergate(workers: int, cpus_per_worker: float = 0.0) -> System:
         workers,
         f"{label}, limited to {cpus:g} CPUs",
         cpu_limit=cpus,
+    )
+
+
+def exact_balance(workers: int) -> System:
+    """Metergate complete, its connections handed out by gateway.balance = "exact"."""
+    return System(
+        f"metergate-{workers}w-exact",
+        "metergate",
+        True,
+        workers,
+        f"metergate complete, {workers} workers, exact balance",
+        balance="exact",
     )
 
 
@@ -127,6 +142,8 @@ def _metergate(system: System, env: Environment, port: int) -> Child:
     )
     if count != 1:
         raise RuntimeError("gateway.toml has no [metering] enabled = ... line to change")
+    if system.balance != "kernel":
+        text = text.replace("[gateway]\n", f'[gateway]\nbalance = "{system.balance}"\n', 1)
     config.write_text(text)
     if system.redis_tls and not env.redis_tls_url:
         raise RuntimeError("no Redis over TLS was started")

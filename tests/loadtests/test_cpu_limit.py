@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.bench import _curve
 from loadtests.cpu_limit import PERIOD_US, CpuLimit, unavailable
 from loadtests.procs import cpu_seconds
 
@@ -91,17 +90,3 @@ def _reaped(pid: int) -> None:
 def test_a_limit_must_be_above_zero() -> None:
     with pytest.raises(ValueError):
         CpuLimit("metergate-test", 0)
-
-
-def test_the_curve_has_one_worker_per_cpu_and_half_the_machine_at_most() -> None:
-    assert [(s.workers, s.cpu_limit) for s in _curve(0.25, None, 2)] == [(1, 0.25), (2, 0.5)]
-    assert [(s.workers, s.cpu_limit) for s in _curve(0.5, None, 8)] == [
-        (w, w * 0.5) for w in range(1, 9)
-    ]
-    assert [s.workers for s in _curve(0.25, 4, 2)] == [1, 2, 3, 4]
-    assert _curve(0.25, None, 2)[1].name == "metergate-2w-cpus0.5"
-    for bad in (0.0, 1.5):
-        with pytest.raises(SystemExit):
-            _curve(bad, None, 2)
-    with pytest.raises(SystemExit):
-        _curve(0.25, 0, 2)
