@@ -378,6 +378,7 @@ def test_admin_refuses_a_cluster_url_in_one_line() -> None:
     [
         (["gateway"], {}),
         (["gateway"], {"METERGATE_GATEWAY_WORKERS": "2"}),
+        (["gateway", "exact"], {"METERGATE_GATEWAY_WORKERS": "2"}),
         (["gateway", "metrics"], {}),
         (["gateway", "metrics"], {"METERGATE_GATEWAY_WORKERS": "2"}),
         (["admin"], {}),
@@ -393,6 +394,9 @@ def test_a_port_in_use_is_one_line(tmp_path: Path, args: list[str], env: dict[st
         listen = {"METERGATE_GATEWAY_LISTEN": f"127.0.0.1:{port}"}
         if args == ["admin"]:
             listen = {"METERGATE_ADMIN_LISTEN": f"127.0.0.1:{port}"}
+        elif args == ["gateway", "exact"]:  # the port the balancer binds is the one taken
+            args = ["gateway"]
+            env = {**env, "METERGATE_CONFIG": _exact_config(tmp_path)}
         elif args == ["gateway", "metrics"]:  # the metrics listener's port is the one taken
             args = ["gateway"]
             listen = {
