@@ -908,9 +908,14 @@ class FrontServer:
             self, host, port, reuse_port=reuse_port or None, backlog=backlog
         )
         self._servers.append(server)
+        self.sweep()
+        return server
+
+    def sweep(self) -> None:
+        """Start the timer that enforces the head, keep-alive and write timeouts: when
+        listening, or when connections come from a balancer (gateway.balance)."""
         if self._sweeper is None:
             self._sweeper = self.loop.create_task(self._sweep())
-        return server
 
     @property
     def sockets(self) -> Iterable[object]:

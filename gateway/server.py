@@ -51,23 +51,25 @@ def address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def bind(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
-    """A socket listening on ``host:port`` (its first address); ListenError if it cannot."""
+def bind(host: str, port: int, *, backlog: int = 1024) -> list[socket.socket]:
+    """Sockets listening on every address of ``host`` at ``port``, as asyncio's
+    create_server binds them; ListenError if one cannot."""
+    bound: list[socket.socket] = []
     try:
-        family, kind, proto, _, addr = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            bound.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:  # its own family only, as create_server does
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(addr)
             sock.listen(backlog)
-        except OSError:
-            sock.close()
-            raise
     except OSError as exc:
+        for sock in bound:
+            sock.close()
         raise ListenError(host, port, exc) from None
-    return sock
+    return bound
 
 
 def check_listen(host: str, port: int, *, reuse_port: bool = False) -> None:
@@ -122,6 +124,7 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     stops: list[Callable[[], Awaitable[None]]] = []
+    receivers: list[Receiver] = []
     try:
         for site in sites:
             runner = web.AppRunner(
@@ -137,7 +140,9 @@ async def serve(
                     )
                     stops.append(functools.partial(front.shutdown, shutdown_timeout))
                     if site.channel is not None:
-                        receiver = Receiver(front, site.channel)
+                        # The balancer gone, nothing more comes: this worker stops too.
+                        receiver = Receiver(front, site.channel, on_closed=stop.set)
+                        receivers.append(receiver)
                         stops.append(_closing(receiver))
                     else:
                         await front.listen(site.host, site.port, reuse_port=site.reuse_port)
@@ -149,6 +154,8 @@ async def serve(
             except OSError as exc:
                 raise ListenError(site.host, site.port, exc) from None
         _settle_gc()
+        for receiver in receivers:  # every site is up: connections may come
+            receiver.ready()
         if started is not None:
             started()
         await stop.wait()
@@ -236,6 +243,10 @@ def run_workers(
                 time.sleep(0.2)
             else:
                 balancer.poll(0.2)
+                for index in balancer.lost():  # alive but unreachable: restarted
+                    lost = procs.get(index)
+                    if lost is not None and lost.is_alive() and lost.pid is not None:
+                        os.kill(lost.pid, signal.SIGTERM)
             for index, proc in list(procs.items()):
                 if proc.is_alive() or stopping:
                     continue

@@ -192,10 +192,11 @@ async def test_gateway_workers_share_port_and_metrics(
     assert code == 0, stderr
 
 
-def _exact_config(tmp_path: Path) -> str:
+def _exact_config(tmp_path: Path, limits: str = "") -> str:
     text = (ROOT / "gateway.toml").read_text()
+    text = text.replace("[gateway]\n", '[gateway]\nbalance = "exact"\n', 1)
     path = tmp_path / "exact.toml"
-    path.write_text(text.replace("[gateway]\n", '[gateway]\nbalance = "exact"\n', 1))
+    path.write_text(text.replace("[limits]\n", f"[limits]\n{limits}\n", 1))
     return str(path)
 
 
@@ -269,7 +270,9 @@ async def test_exact_balance_gives_each_worker_as_many_connections(
         busy, other = split
         for client in split[busy][:3]:
             client.close()
-        await asyncio.sleep(0.5)  # its note reaches the balancer
+        # Its note reaches the balancer within a loop pass and a poll (0.2 s): no sign of
+        # it can be seen from here, so the wait is generous.
+        await asyncio.sleep(1.0)
         later = await asyncio.to_thread(connect, 3)
         assert set(await asyncio.to_thread(by_worker, later)) == {busy}
         # A worker killed is restarted, and its successor, holding none, gets the next.
@@ -279,14 +282,47 @@ async def test_exact_balance_gives_each_worker_as_many_connections(
         while other in workers() or len(workers()) < children:
             assert time.monotonic() < deadline, "the worker was not restarted"
             await asyncio.sleep(0.1)
-        after = await asyncio.to_thread(connect, 3)
-        (successor,) = set(await asyncio.to_thread(by_worker, after))
-        assert successor not in (busy, other)
+        # Until its successor is ready, the next go to the other; then to it, holding none.
+        successor = None
+        probes = 0
+        while successor is None:
+            assert time.monotonic() < deadline, "the new worker was never handed one"
+            probes += 1
+            (holder,) = set(await asyncio.to_thread(by_worker, await asyncio.to_thread(connect, 1)))
+            successor = holder if holder != busy else None
+        assert successor != other
+        after = await asyncio.to_thread(connect, 2)
+        assert set(await asyncio.to_thread(by_worker, after)) == {successor}
         used = int(await redis_client.hget("mg:{acct-exact}:usage", "used") or 0)
-        assert used == 14
+        assert used == 13 + probes
     finally:
         for client in clients:
             client.close()
+        code, stderr = _stop(proc, signal.SIGTERM)
+    assert code == 0, stderr
+
+
+@pytest.mark.slow
+async def test_exact_balance_keeps_the_head_timeout(
+    tmp_path: Path, redis_url: str, start_upstream
+) -> None:
+    """Handed-over connections keep the timeouts of listened ones: a stalled head, 408."""
+    upstream = await start_upstream({"/{tail:.*}": echo})
+    config = _exact_config(tmp_path, "client_body_timeout_seconds = 1")
+    proc, port = _two_workers(str(upstream.make_url("")), redis_url, METERGATE_CONFIG=config)
+    try:
+        await _wait_http(f"http://127.0.0.1:{port}/healthz")
+
+        def stalled() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+                client.sendall(b"GET /signals HTTP/1.1\r\n")  # and no more
+                return client.recv(65536)
+
+        started = time.monotonic()
+        answer = await asyncio.to_thread(stalled)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert time.monotonic() - started < 5
+    finally:
         code, stderr = _stop(proc, signal.SIGTERM)
     assert code == 0, stderr
 
