@@ -590,13 +590,9 @@ class RedisQuotaStore:
                 down.add(primary.name)
         loaded: list[_Call] = []
         for call in calls:
-            owner: ClusterNode | None = None
-            try:
-                owner = client.get_node_from_key(call.args[1])
-            except Exception as exc:  # a slot no node serves: the call is not run
-                failed = exc
-            if owner is None:
-                failed = failed or ConnectionError("no node for the key")
+            owner = _node_of(client, call)
+            if isinstance(owner, Exception):  # the call is not run
+                failed = owner
             elif owner.name not in down:
                 loaded.append(call)
         return loaded, failed
@@ -618,13 +614,9 @@ class RedisQuotaStore:
         unsent: BaseException | None = None
         groups: dict[str, tuple[ClusterNode, list[int]]] = {}
         for index, call in enumerate(batch):
-            try:
-                node = client.get_node_from_key(call.args[1])
-            except Exception as exc:  # a slot no node serves: this call is not sent
-                unsent, results[index] = exc, NOT_SENT
-                continue
-            if node is None:
-                unsent, results[index] = ConnectionError("no node for the key"), NOT_SENT
+            node = _node_of(client, call)
+            if isinstance(node, Exception):  # this call is not sent
+                unsent, results[index] = node, NOT_SENT
                 continue
             groups.setdefault(node.name, (node, []))[1].append(index)
         parts = [part for _, part in groups.values()]
@@ -841,6 +833,16 @@ def _time_out(calls: Iterable[_Call]) -> None:
 NOT_RUN = QuotaStoreUnavailable("redis did not run the script (NOSCRIPT)")
 # A call of a batch whose node could not be reached: never sent.
 NOT_SENT = QuotaStoreUnavailable("redis unavailable: no connection to the node")
+
+
+def _node_of(cluster: RedisCluster, call: _Call) -> ClusterNode | Exception:
+    """The node serving a call's keys (all share the account's hash tag: the first says
+    it), or why none does (a slot no node serves)."""
+    try:
+        node = cluster.get_node_from_key(call.args[1])
+    except Exception as exc:
+        return exc
+    return node if node is not None else ConnectionError("no node for the key")
 
 
 async def _load_on(
