@@ -45,6 +45,12 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("metergate.access")
 
 Handler = Callable[["Request"], Awaitable[None]]
+# A handler's fast path, tried as a request's turn comes, before a task is made for it: True
+# when it took the request, whose answering it then starts with Request.proceed (once a
+# charge it sent to Redis is decided, say); False, and the handler runs in a task as usual.
+# A request waiting there is "deferred": it holds its connection's turn like one being
+# answered, and a shutdown past its deadline abandons it (Request.abandoned).
+Admit = Callable[["Request"], bool]
 # An encoded header block (``Name: value\\r\\n`` lines, from gateway.headers), or a mapping.
 Headers = bytes | CIMultiDict[str] | dict[str, str]
 
@@ -95,6 +101,7 @@ class Request:
         "_continued",
         "_headers",
         "_waiter",
+        "abandoned",
         "authorization",
         "body_exists",
         "close",
@@ -106,6 +113,7 @@ class Request:
         "method",
         "raw_headers",
         "raw_path",
+        "received",
         "remote",
         "scheme",
         "sent",
@@ -158,6 +166,9 @@ class Request:
         self.finished = False
         self.status = 0
         self.sent = 0
+        self.received = 0.0  # when its turn came (perf_counter), for the access log
+        # Deferred, then given up by a shutdown past its deadline: nothing may start it.
+        self.abandoned = False
 
     @property
     def headers(self) -> CIMultiDict[str]:
@@ -220,6 +231,15 @@ class Request:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def proceed(self, work: Awaitable[None]) -> None:
+        """Start answering a request the server's ``admit`` took: ``work`` runs in a task as
+        the handler would have. Ignored once a shutdown abandoned the request."""
+        if self.abandoned:
+            if asyncio.iscoroutine(work):
+                work.close()  # never to run: no "never awaited" warning
+            return
+        self._conn.start(self, work)
 
     # -- the answer -----------------------------------------------------------------------
 
@@ -640,17 +660,54 @@ class _Connection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         self._active = request
-        task = self.loop.create_task(self._run(request))
-        tasks = self._server.tasks
+        server = self._server
+        if server.access_log:
+            request.received = time.perf_counter()
+        admit = server.admit
+        if admit is not None and request.expect is None:
+            deferred = server.deferred
+            deferred.add(request)
+            failed: Exception | None = None
+            try:
+                if admit(request):
+                    return  # admit starts it (Request.proceed), maybe already has
+            except Exception as exc:
+                failed = exc
+            if request not in deferred:
+                return  # started already, then admit failed: the task answers
+            deferred.discard(request)
+            if failed is not None:
+                # Whatever admit set going (a charge) sees the request abandoned; it is
+                # answered 500 in a task, as a handler's failure would be.
+                request.abandoned = True
+                self.start(request, _fail(failed))
+                return
+        self.start(request, None)
+
+    def start(self, request: Request, work: Awaitable[None] | None) -> None:
+        """Answer ``request`` in a task: ``work``, or the server's handler when None."""
+        server = self._server
+        deferred = server.deferred
+        if work is not None and request in deferred:
+            deferred.remove(request)
+        elif work is not None and not request.abandoned:
+            # Proceeding twice, or without admit having taken it: a second answer.
+            log.error("request %s %s proceeded twice", request.method, request.raw_path)
+            if asyncio.iscoroutine(work):
+                work.close()
+            return
+        task = self.loop.create_task(self._run(request, work))
+        tasks = server.tasks
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _run(self, request: Request) -> None:
+    async def _run(self, request: Request, work: Awaitable[None] | None) -> None:
         server = self._server
-        started = time.perf_counter() if server.access_log else 0.0
         try:
             expect = request.expect
-            if expect is not None and expect.lower() != "100-continue":
+            if work is not None:
+                await work
+            elif expect is not None and expect.lower() != "100-continue":
                 # RFC 9110 10.1.1: an expectation the server cannot meet.
                 request.hang_up()
                 request.error(417, "expectation_failed", f"cannot meet Expect: {expect}")
@@ -669,7 +726,7 @@ class _Connection(asyncio.Protocol):
             if not request.finished:
                 request.close = True  # a streamed answer that did not end cannot be framed
             if server.access_log:
-                _log_access(request, time.perf_counter() - started)
+                _log_access(request, time.perf_counter() - request.received)
             self._answered(request)
 
     def _answered(self, request: Request) -> None:
@@ -833,6 +890,10 @@ class _Connection(asyncio.Protocol):
             self.close()
 
 
+async def _fail(error: Exception) -> None:
+    raise error
+
+
 def _text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
@@ -862,10 +923,12 @@ class FrontServer:
         handler: Handler,
         limits: Limits,
         *,
+        admit: Admit | None = None,
         keepalive_timeout: float = 75.0,
         access_log: bool = False,
     ) -> None:
         self.handler = handler
+        self.admit = admit
         self.loop = asyncio.get_running_loop()
         self.max_line = limits.max_line_bytes
         self.max_field = limits.max_header_bytes
@@ -875,6 +938,7 @@ class FrontServer:
         self.access_log = access_log
         self.connections: set[_Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()  # requests being answered
+        self.deferred: set[Request] = set()  # requests admit took, not yet started
         self._held: list[_Connection] = []  # connections with answers sent this pass
         self.good_hosts: set[bytes] = set()  # Host values that passed the check
         self.closing = False
@@ -942,10 +1006,18 @@ class FrontServer:
         for conn in list(self.connections):
             conn.shutdown()
         deadline = self.loop.time() + timeout
-        while (self.connections or self.tasks) and self.loop.time() < deadline:
+        while (self.connections or self.tasks or self.deferred) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
+        # Requests still deferred never start: whoever took them (the proxy's charges) sees
+        # them abandoned, as a task's awaited future would be cancelled.
+        for request in self.deferred:
+            request.abandoned = True
+        self.deferred.clear()
         for conn in list(self.connections):
             conn.abort()
+        # A task made in this pass (a charge settled by its timer) takes its first step
+        # before it is cancelled, so its answer's bookkeeping runs.
+        await asyncio.sleep(0)
         # Handlers past the deadline are cancelled, so none outlives the resources (Redis,
         # backend pools) that the app closes next.
         for task in list(self.tasks):

@@ -29,7 +29,7 @@ from aiohttp import web
 
 from config.model import Limits
 from gateway.balance import Balancer, Receiver
-from gateway.front import FrontServer, Handler
+from gateway.front import Admit, FrontServer, Handler
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ class Site:
     # Serve this handler, made from the started app, on gateway.front's HTTP server
     # instead of the app's router (the app then only holds resources).
     handler: Callable[[web.Application], Handler] | None = None
+    # And the handler's fast path, made the same way (gateway.front's Admit).
+    admit: Callable[[web.Application], Admit | None] | None = None
     limits: Limits = field(default_factory=Limits)
     access_log: bool = False
     # Connections handed over by a Balancer on this channel, instead of listening.
@@ -136,7 +138,10 @@ async def serve(
             try:
                 if site.handler is not None:
                     front = FrontServer(
-                        site.handler(site.app), site.limits, access_log=site.access_log
+                        site.handler(site.app),
+                        site.limits,
+                        admit=site.admit(site.app) if site.admit is not None else None,
+                        access_log=site.access_log,
                     )
                     stops.append(functools.partial(front.shutdown, shutdown_timeout))
                     if site.channel is not None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from prometheus_client import REGISTRY
 from config.model import Limits
 from gateway import keys
 from gateway.errors import ClientGone
-from gateway.front import FrontServer, Handler, Request
+from gateway.front import Admit, FrontServer, Handler, Request
 from tests.conftest import GatewayServer, auth, load_test_config, replace_section
 
 WAIT = 2.0  # the most any single read may take before the test fails instead of hanging
@@ -156,9 +157,15 @@ async def serve() -> AsyncIterator[Serve]:
     fronts: list[FrontServer] = []
 
     async def start(
-        handler: Handler, limits: Limits | None = None, *, keepalive_timeout: float = 75.0
+        handler: Handler,
+        limits: Limits | None = None,
+        *,
+        keepalive_timeout: float = 75.0,
+        admit: Admit | None = None,
     ) -> Front:
-        front = FrontServer(handler, limits or Limits(), keepalive_timeout=keepalive_timeout)
+        front = FrontServer(
+            handler, limits or Limits(), keepalive_timeout=keepalive_timeout, admit=admit
+        )
         fronts.append(front)
         listening = await front.listen("127.0.0.1", 0)
         return Front(front, listening.sockets[0].getsockname()[1])
@@ -727,6 +734,173 @@ async def test_shutdown_finishes_requests_in_flight_and_closes_idle_connections(
         assert await _closed(busy)
         await asyncio.wait_for(stopping, WAIT)
     assert not front.server.connections
+
+
+# -- admit: a handler's fast path ---------------------------------------------------------
+
+
+class Taker:
+    """An ``admit`` that takes the requests to /deferred and starts none until told to."""
+
+    def __init__(self) -> None:
+        self.taken: list[Request] = []
+        self.arrived = asyncio.Event()
+
+    def __call__(self, request: Request) -> bool:
+        if not request.raw_path.startswith("/deferred"):
+            return False
+        self.taken.append(request)
+        self.arrived.set()
+        return True
+
+    async def next(self) -> Request:
+        await asyncio.wait_for(self.arrived.wait(), WAIT)
+        self.arrived.clear()
+        return self.taken[-1]
+
+
+async def _answer_with(request: Request, text: str) -> None:
+    body = await request.read()
+    request.respond(200, TEXT, f"{text} {len(body)}".encode())
+
+
+async def test_a_request_admit_takes_holds_its_turn_until_it_proceeds(serve: Serve) -> None:
+    recorder, taker = Recorder(), Taker()
+    front = await serve(recorder, admit=taker)
+    async with _connect(front.port) as (reader, writer):
+        # Pipelined: the second waits behind the first, which no task answers yet.
+        await _send(
+            writer,
+            _request("POST", "/deferred", headers=["Content-Length: 2"])
+            + b"ok"
+            + _request("GET", "/next"),
+        )
+        request = await taker.next()
+        assert await _still_open(reader)  # nothing answered
+        assert request in front.server.deferred and not front.server.tasks
+        assert recorder.seen == []
+
+        request.proceed(_answer_with(request, "proceeded"))
+        assert request not in front.server.deferred
+        first, second = await _read_answer(reader), await _read_answer(reader)
+        assert (first.status, first.body) == (200, b"proceeded 2")  # its body, read in the task
+        assert (second.status, second.body) == (200, b"GET /next 0")
+    assert recorder.seen == ["GET /next"]  # the handler never saw the one admit took
+
+
+async def test_admit_is_not_asked_about_a_request_with_an_expectation(serve: Serve) -> None:
+    # The server answers an unmet Expect itself (417), in the task admit would skip.
+    taker = Taker()
+    front = await serve(Recorder(), admit=taker)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("GET", "/deferred", headers=["Expect: something"]))
+        assert (await _read_answer(reader)).status == 417
+    assert taker.taken == []
+
+
+async def test_a_failure_in_proceeded_work_is_a_500_like_the_handlers(serve: Serve) -> None:
+    taker = Taker()
+    front = await serve(Recorder(), admit=taker)
+
+    async def broken() -> None:
+        raise RuntimeError("boom")
+
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("GET", "/deferred"))
+        (await taker.next()).proceed(broken())
+        answer = await _read_answer(reader)
+        assert answer.status == 500 and json.loads(answer.body)["error"]["code"] == "internal_error"
+        assert await _still_open(reader)  # nothing was sent yet: the connection goes on
+
+
+async def test_admit_may_start_the_request_before_it_returns(serve: Serve) -> None:
+    recorder = Recorder()
+
+    def at_once(request: Request) -> bool:
+        request.proceed(_answer_with(request, "at once"))  # as a charge failing at once
+        return True
+
+    front = await serve(recorder, admit=at_once)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("GET", "/a") + _request("GET", "/b"))
+        for _ in range(2):
+            assert (await _read_answer(reader)).body == b"at once 0"
+        assert await _still_open(reader)  # one answer each, nothing more
+    assert not front.server.deferred and recorder.seen == []
+
+
+async def test_a_request_proceeds_once(serve: Serve, caplog: pytest.LogCaptureFixture) -> None:
+    taker = Taker()
+    front = await serve(Recorder(), admit=taker)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("GET", "/deferred"))
+        request = await taker.next()
+        request.proceed(_answer_with(request, "first"))
+        request.proceed(_answer_with(request, "second"))
+        assert (await _read_answer(reader)).body == b"first 0"
+        assert await _still_open(reader)
+    assert "proceeded twice" in caplog.text
+
+
+async def test_admit_failing_is_a_500_and_the_connection_goes_on(serve: Serve) -> None:
+    def broken(request: Request) -> bool:
+        if request.raw_path == "/broken":
+            raise RuntimeError("admit broke")
+        return False
+
+    recorder = Recorder()
+    front = await serve(recorder, admit=broken)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("GET", "/broken") + _request("GET", "/next"))
+        first, second = await _read_answer(reader), await _read_answer(reader)
+        assert first.status == 500 and json.loads(first.body)["error"]["code"] == "internal_error"
+        assert (second.status, second.body) == (200, b"GET /next 0")
+    assert recorder.seen == ["GET /next"] and not front.server.deferred
+
+
+async def test_shutdown_waits_for_a_deferred_request_then_abandons_it(serve: Serve) -> None:
+    taker = Taker()
+    front = await serve(Recorder(), admit=taker)
+    started = asyncio.Event()
+
+    async def work() -> None:
+        started.set()
+
+    async with _connect(front.port) as (_, writer):
+        await _send(writer, _request("GET", "/deferred"))
+        request = await taker.next()
+        # The client is gone too (reset): only the deferred request is left to wait for.
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+    await asyncio.sleep(0.05)
+    assert not front.server.connections
+    stopping = asyncio.create_task(front.server.shutdown(0.3))
+    await asyncio.sleep(0.1)
+    assert not stopping.done()  # it is waited for, as a task would be
+    await asyncio.wait_for(stopping, WAIT)
+    assert request.abandoned and not front.server.deferred
+    request.proceed(work())  # as a charge decided late would: never started
+    await asyncio.sleep(0.05)
+    assert not started.is_set() and not front.server.tasks
+
+
+async def test_shutdown_lets_a_deferred_request_that_proceeds_in_time_finish(
+    serve: Serve,
+) -> None:
+    taker = Taker()
+    front = await serve(Recorder(), admit=taker)
+    async with _connect(front.port) as (reader, writer):
+        await _send(writer, _request("GET", "/deferred"))
+        request = await taker.next()
+        stopping = asyncio.create_task(front.server.shutdown(WAIT))
+        await asyncio.sleep(0.1)
+        request.proceed(_answer_with(request, "late"))
+        answer = await _read_answer(reader)
+        assert (answer.status, answer.body) == (200, b"late 0")
+        assert answer.headers["Connection"] == "close"
+        await asyncio.wait_for(stopping, WAIT)
+    assert not request.abandoned
 
 
 # -- request bodies -----------------------------------------------------------------------
