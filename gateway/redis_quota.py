@@ -40,7 +40,7 @@ from gateway.errors import QuotaStoreUnavailable
 from gateway.periods import PeriodClock
 from gateway.quota import Decision, Reason
 from gateway.redis_client import REDIS_ERRORS, OutageLog, RedisClient
-from gateway.redis_pipe import LOST, Call, RedisPipe, Script, supports, tell
+from gateway.redis_pipe import LOST, Call, RedisPipe, Script, Waiter, supports, tell
 from gateway.resp import bulk, header
 
 # The raw pipeline (gateway.redis_pipe) carries charges and refunds when the client's URL
@@ -118,9 +118,9 @@ class _Call:
 @final
 class _Charge:
     """A charge waiting for the next batch: the account, the route, its cost and encoded
-    arguments, and the future its decision settles. A native class, not a tuple: the
-    compiled module would unbox a typed tuple on every read from a list and box it again
-    on every append."""
+    arguments, and what its decision settles (a future, or a waiter that acts on it at once:
+    RedisQuotaStore.charge_to). A native class, not a tuple: the compiled module would unbox
+    a typed tuple on every read from a list and box it again on every append."""
 
     __slots__ = ("account", "cost", "future", "route", "route_args")
 
@@ -130,7 +130,7 @@ class _Charge:
         route: str,
         cost: int,
         route_args: bytes,
-        future: asyncio.Future[Decision],
+        future: Waiter,
     ) -> None:
         self.account, self.route, self.cost = account, route, cost
         self.route_args, self.future = route_args, future
@@ -204,19 +204,46 @@ class RedisQuotaStore:
             loop = self._loop = asyncio.get_running_loop()
         # Settled with its Decision by its _Batch when the batch's reply comes.
         future: asyncio.Future[Decision] = loop.create_future()
+        self._enqueue(future, account, route, cost, allowed_tiers)
+        return future
+
+    @property
+    def takes_waiters(self) -> bool:
+        """Whether charge_to() can take a charge (not through redis-py)."""
+        return self._pipe is not None
+
+    def charge_to(
+        self, waiter: Waiter, account: str, route: str, cost: int, allowed_tiers: str = ""
+    ) -> bool:
+        """The same charge, its decision (or QuotaStoreUnavailable) handed to ``waiter`` as
+        the reply is read, with no future to await: the proxy's fast path (Proxy.admit).
+        A waiter that is ``done()`` before then counts as a caller gone away. False, and
+        nothing sent, where charges go through redis-py, which only settles futures."""
+        if self._pipe is None:
+            return False
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        self._enqueue(waiter, account, route, cost, allowed_tiers)
+        return True
+
+    def _enqueue(
+        self, waiter: Waiter, account: str, route: str, cost: int, allowed_tiers: str
+    ) -> None:
+        """Queue a charge for this loop iteration's write (or write it now, not coalescing)."""
+        loop = self._loop
+        assert loop is not None
         known = self._routes.get(route)
         if known is not None and known[0] == cost and known[1] == allowed_tiers:
             route_args = known[2]
         else:
             route_args = self._route_args(route, cost, allowed_tiers)
-        charge = _Charge(account, route, cost, route_args, future)
+        charge = _Charge(account, route, cost, route_args, waiter)
         if not self._coalesce:
             self._write([[charge]])
         else:
             if not self._charges and not self._queued:
                 loop.call_soon(self._flush_pipe)
             self._charges.append(charge)
-        return future
 
     def _route_args(self, route: str, cost: int, allowed_tiers: str) -> bytes:
         """A charge's own arguments (cost, route, allowed tiers), encoded and kept for the
