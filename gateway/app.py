@@ -14,12 +14,13 @@ from urllib.parse import urlsplit
 import msgspec
 from aiohttp import web
 
+from config.load import RESERVED_PATHS
 from config.model import Upstream
 from config.settings import DEFAULT_REDIS_URL, Settings
 from gateway import metrics
 from gateway.auth import token_verifier
 from gateway.failopen import FailOpenLedger
-from gateway.front import Handler, Request
+from gateway.front import Admit, Handler, Request
 from gateway.proxy import Proxy
 from gateway.redis_client import RedisClient, create_client
 from gateway.redis_pipe import LATE_REPLY_WINDOW
@@ -51,6 +52,7 @@ def gateway_sites(
             settings.gateway_port,
             reuse_port=reuse_port,
             handler=functools.partial(gateway_handler, metrics=not separate),
+            admit=gateway_admit,
             limits=config.limits,
             access_log=config.gateway.access_log,
             channel=channel,
@@ -128,7 +130,15 @@ def _proxy_ctx(
         failopen = FailOpenLedger(client) if config.metering.fail_open else None
         app[STORE] = store
         async with token_verifier(config.auth, secret=settings.jwt_secret, clock=clock) as v:
-            app[PROXY] = Proxy(config, v, store, app[POOLS], failopen=failopen, clock=clock)
+            app[PROXY] = Proxy(
+                config,
+                v,
+                store,
+                app[POOLS],
+                failopen=failopen,
+                clock=clock,
+                reserved=RESERVED_PATHS,  # answered by the gateway itself (gateway_handler)
+            )
             task = asyncio.create_task(failopen.run()) if failopen else None
             yield
             if task is not None:
@@ -178,6 +188,13 @@ def gateway_handler(app: web.Application, *, metrics: bool = True) -> Handler:
         return proxy.handle(request)
 
     return handle
+
+
+def gateway_admit(app: web.Application) -> Admit | None:
+    """The proxy's fast path for gateway.front (Proxy.admit), where it has one. It never takes
+    the gateway's own endpoints: the proxy was told them (RESERVED_PATHS)."""
+    proxy = app[PROXY]
+    return proxy.admit if proxy.admits else None
 
 
 def metrics_handler(app: web.Application) -> Handler:

@@ -11,7 +11,8 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any, final
 from urllib.parse import urlsplit
 
 from config.model import Config
@@ -108,8 +109,11 @@ class Proxy:
         *,
         failopen: FailOpenLedger | None = None,
         clock: Callable[[], float] = time.time,
+        reserved: Iterable[str] = (),
     ) -> None:
         self._config = config
+        # Paths the server answers itself on some methods (/healthz): never on the fast path.
+        self._reserved = frozenset(reserved)
         self._table = RouteTable(config)
         self._verifier = verifier
         self._store = store if config.metering.enabled else None
@@ -148,9 +152,15 @@ class Proxy:
                 return self._error(request, self._unmatched, started, 400, "bad_path", str(exc))
         path, query = canonical
         match = self._table.match(request.method, path)
-        if not cached and len(target) <= _CANONICAL_TARGET_MAX and isinstance(match, PricedRoute):
+        if (
+            not cached
+            and len(target) <= _CANONICAL_TARGET_MAX
+            and isinstance(match, PricedRoute)
+            and target.partition("?")[0] not in self._reserved
+        ):
             # Only short targets of real routes: a flood of long or unknown ones must not
-            # fill memory (4096 x 8 KB) or push the useful ones out.
+            # fill memory (4096 x 8 KB) or push the useful ones out. Only these are taken
+            # by admit(), so never one the server may answer itself.
             if len(self._canonical) >= _CANONICAL_CACHE:
                 self._canonical.clear()
             self._canonical[target] = canonical
@@ -193,32 +203,87 @@ class Proxy:
                 except AuthError as exc:
                     return self._unauthorized(request, rm, started, exc)
 
-        decision: Decision | None = None
-        receipt: int | None = None  # a fail-open record's
         # A free route restricted to some tiers still asks the store: the plan, and so the
         # tier, lives in Redis.
         if claims is not None and (route.cost or route.tiers) and self._store is not None:
+            outcome: Decision | BaseException
             try:
-                decision = await self._store.charge(
+                outcome = await self._store.charge(
                     claims.sub, route.name, route.cost, route.allowed_tiers
                 )
             except QuotaStoreUnavailable as exc:
-                metrics.REDIS_ERRORS.labels("charge").inc()
-                # Failing open cannot serve a tier-restricted route: the tier is unknown.
-                if self._failopen is None or route.tiers:
-                    log.debug("refusing %s %s: %s", request.method, path, exc)
-                    return self._metering_unavailable(request, rm, started)
-                receipt = self._failopen.record(claims.sub, route.name, route.cost)
-            else:
-                if not decision.allowed:
-                    return self._denied(request, rm, started, decision)
-                if route.cost:
-                    rm.charged(decision.tier, route.cost)
-        if route.tiers and decision is None:
+                outcome = exc
+            # Awaited after the try: compiled code must not suspend in an except block.
+            return await self._charged(request, route, path, query, claims, started, outcome)
+        if route.tiers:
             # Never reached with a valid config (tiers need metering, public routes have no
             # tiers), but a route for some tiers is never served without knowing the tier.
             return self._metering_unavailable(request, rm, started)
 
+        await self._forward(request, route, path, query, claims, None, rm, started, None)
+
+    @property
+    def admits(self) -> bool:
+        """Whether admit() can take requests: they are charged, on the raw pipeline."""
+        return self._store is not None and self._store.takes_waiters
+
+    def admit(self, request: Request) -> bool:
+        """The fast path of a metered request (gateway.front's ``admit``): when its target,
+        route and token are known from earlier requests, it is charged at once, and its
+        task is made only as the charge's decision is read (an _Admission), where handle()
+        would make a task, await a future and take one more pass of the loop to wake up.
+        Anything else (False) goes through handle(), which answers every refusal."""
+        store = self._store
+        if store is None:
+            return False
+        canonical = self._canonical.get(request.raw_path)
+        if canonical is None:  # only targets of priced routes are kept there
+            return False
+        path, query = canonical
+        route = self._table.match(request.method, path)
+        if not isinstance(route, PricedRoute) or route.public or not (route.cost or route.tiers):
+            return False
+        length = request.content_length
+        if length is not None and length > route.max_body:
+            return False
+        authorization = request.authorization
+        if len(authorization) != 1:
+            return False
+        claims = self._verifier.cached(authorization[0])
+        if claims is None:
+            return False
+        admission = _Admission(self, request, route, path, query, claims, time.perf_counter())
+        return store.charge_to(admission, claims.sub, route.name, route.cost, route.allowed_tiers)
+
+    async def _charged(
+        self,
+        request: Request,
+        route: PricedRoute,
+        path: str,
+        query: str,
+        claims: Claims,
+        started: float,
+        outcome: Decision | BaseException,
+    ) -> None:
+        """Go on with a request once its charge is decided: forward it, or refuse it."""
+        rm = self._route_metrics[route.name]
+        receipt: int | None = None  # a fail-open record's
+        decision: Decision | None = None
+        if isinstance(outcome, QuotaStoreUnavailable):
+            metrics.REDIS_ERRORS.labels("charge").inc()
+            # Failing open cannot serve a tier-restricted route: the tier is unknown.
+            if self._failopen is None or route.tiers:
+                log.debug("refusing %s %s: %s", request.method, path, outcome)
+                return self._metering_unavailable(request, rm, started)
+            receipt = self._failopen.record(claims.sub, route.name, route.cost)
+        elif isinstance(outcome, Decision):
+            decision = outcome
+            if not decision.allowed:
+                return self._denied(request, rm, started, decision)
+            if route.cost:
+                rm.charged(decision.tier, route.cost)
+        else:
+            raise outcome  # not the store's error: the front answers 500 and logs it
         await self._forward(request, route, path, query, claims, decision, rm, started, receipt)
 
     def _identity_lines(
@@ -525,6 +590,50 @@ class Proxy:
             return
         if units:
             rm.refunds.inc(units)
+
+
+@final
+class _Admission:
+    """A request Proxy.admit took, as its charge's waiter (a redis_pipe.Waiter): the decision
+    starts the request's task the moment the batch's reply is read. ``done`` once a shutdown
+    abandoned the request: the store then gives back what it charged, as for a caller whose
+    future was cancelled."""
+
+    __slots__ = ("claims", "path", "proxy", "query", "request", "route", "settled", "started")
+
+    def __init__(
+        self,
+        proxy: Proxy,
+        request: Request,
+        route: PricedRoute,
+        path: str,
+        query: str,
+        claims: Claims,
+        started: float,
+    ) -> None:
+        self.proxy, self.request, self.route = proxy, request, route
+        self.path, self.query, self.claims, self.started = path, query, claims, started
+        self.settled = False
+
+    def done(self) -> bool:
+        return self.settled or self.request.abandoned
+
+    def set_result(self, result: Any, /) -> None:
+        self._go_on(result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self._go_on(exception)
+
+    def _go_on(self, outcome: Decision | BaseException) -> None:
+        self.settled = True
+        request = self.request
+        work = self.proxy._charged(
+            request, self.route, self.path, self.query, self.claims, self.started, outcome
+        )
+        try:
+            request.proceed(work)
+        except Exception:  # the batch's other charges are settled all the same
+            log.exception("starting %s %s failed", request.method, request.raw_path)
 
 
 _RATELIMIT_NAMES = frozenset({b"ratelimit", b"ratelimit-policy"})

@@ -21,7 +21,7 @@ from yarl import URL
 
 from config import Config, Settings, parse_config
 from config.settings import DEV_JWT_SECRET
-from gateway.app import create_app, gateway_handler
+from gateway.app import create_app, gateway_admit, gateway_handler
 from gateway.embedded_redis import EmbeddedRedis, builds_tls, find_redis_server, self_signed_tls
 from gateway.front import FrontServer
 
@@ -225,7 +225,10 @@ async def start_gateway(
         runner = web.AppRunner(app)
         await runner.setup()
         front = FrontServer(
-            gateway_handler(app), config.limits, access_log=config.gateway.access_log
+            gateway_handler(app),
+            config.limits,
+            admit=gateway_admit(app),
+            access_log=config.gateway.access_log,
         )
         try:
             listening = await front.listen("127.0.0.1", 0)
