@@ -13,19 +13,16 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import jwt
-import msgspec
 
 from config.model import Auth
+from gateway.claims import Claims
 from gateway.errors import AuthError
 from gateway.jwks import JwksCache
+from gateway.token_cache import TokenCache
+
+__all__ = ["Claims", "TokenVerifier", "issue_token", "token_verifier"]
 
 _REQUIRED = ["exp", "sub"]
-
-
-class Claims(msgspec.Struct, frozen=True):
-    sub: str
-    exp: float
-    is_admin: bool
 
 
 class TokenVerifier:
@@ -52,43 +49,26 @@ class TokenVerifier:
                 ].prepare_key(fh.read())
         if self._hmac and not secret:
             raise ValueError("an HMAC algorithm needs a secret")
-        self._clock = clock
-        self._cache: dict[str, Claims] = {}
-        self._cache_size = auth.token_cache_size
+        self.tokens = TokenCache(auth.token_cache_size, auth.leeway_seconds, clock)
         self._options: jwt.types.Options = {"require": _REQUIRED}
 
     async def verify(self, token: str) -> Claims:
-        cached = self._cached_token(token)
+        cached = self.tokens.get(token)
         if cached is not None:
             return cached
         key = await self._key_for(token)
         claims = self._decode(token, key)
-        if self._cache_size:
-            if len(self._cache) >= self._cache_size:
-                # Evict the oldest insertion: bounded memory without LRU bookkeeping.
-                del self._cache[next(iter(self._cache))]
-            self._cache[token] = claims
+        self.tokens.put(token, claims)
         return claims
 
     def cached(self, header: str | None) -> Claims | None:
         """The claims of a bearer token verified before and not expired, else None.
 
         The common case without a coroutine: the proxy awaits ``verify_header`` only when
-        this has nothing, which then also answers every refusal.
+        this has nothing, which then also answers every refusal. (The proxy asks
+        ``tokens`` itself: a native call, as both are compiled.)
         """
-        if header is None or header[:7].lower() != "bearer ":
-            return None
-        return self._cached_token(header[7:].strip())
-
-    def _cached_token(self, token: str) -> Claims | None:
-        """A verification of ``token`` still in date; an expired one leaves the cache."""
-        claims = self._cache.get(token)
-        if claims is None:
-            return None
-        if claims.exp + self._auth.leeway_seconds > self._clock():
-            return claims
-        del self._cache[token]
-        return None
+        return self.tokens.for_header(header)
 
     async def verify_header(self, header: str | None) -> Claims:
         if not header:

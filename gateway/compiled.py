@@ -42,6 +42,7 @@ MODULES = (
     "redis_quota",
     "resp",
     "routing",
+    "token_cache",
     "upstream",
     "upstream_protocol",
 )

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 from config.model import Config
 from gateway import headers as hdr
 from gateway import metrics
-from gateway.auth import Claims, TokenVerifier
+from gateway.auth import TokenVerifier
+from gateway.claims import Claims
 from gateway.errors import AuthError, BadPath, ClientGone, QuotaStoreUnavailable, bearer_challenge
 from gateway.failopen import FailOpenLedger
 from gateway.front import Request
@@ -116,6 +117,7 @@ class Proxy:
         self._reserved = frozenset(reserved)
         self._table = RouteTable(config)
         self._verifier = verifier
+        self._tokens = verifier.tokens
         self._store = store if config.metering.enabled else None
         self._pools = pools
         self._failopen = failopen
@@ -196,7 +198,7 @@ class Proxy:
             )
         if not route.public:
             header = authorization[0] if authorization else None
-            claims = self._verifier.cached(header)
+            claims = self._tokens.for_header(header)
             if claims is None:
                 try:
                     claims = await self._verifier.verify_header(header)
@@ -249,7 +251,7 @@ class Proxy:
         authorization = request.authorization
         if len(authorization) != 1:
             return False
-        claims = self._verifier.cached(authorization[0])
+        claims = self._tokens.for_header(authorization[0])
         if claims is None:
             return False
         admission = _Admission(self, request, route, path, query, claims, time.perf_counter())

@@ -351,18 +351,18 @@ async def test_token_cache_is_bounded() -> None:
     tokens = [make_token(f"acct-{i}") for i in range(5)]
     for i, token in enumerate(tokens):
         assert (await verifier.verify(token)).sub == f"acct-{i}"
-    assert len(verifier._cache) == 2
+    assert len(verifier.tokens) == 2
     # The most recent tokens are the ones kept; the cache never grows past its bound.
-    assert set(verifier._cache) == set(tokens[-2:])
+    assert set(verifier.tokens) == set(tokens[-2:])
     for token in tokens:
         await verifier.verify(token)
-        assert len(verifier._cache) <= 2
+        assert len(verifier.tokens) <= 2
 
 
 async def test_token_cache_can_be_disabled() -> None:
     verifier = TokenVerifier(Auth(token_cache_size=0), secret=SECRET)
     await verifier.verify(make_token())
-    assert verifier._cache == {}
+    assert len(verifier.tokens) == 0
 
 
 async def test_verifier_maps_every_failure_to_auth_error() -> None:
