@@ -116,6 +116,22 @@ def auth(sub: str = "acct-1", **kw: Any) -> dict[str, str]:
     return {"Authorization": f"Bearer {make_token(sub, **kw)}"}
 
 
+# Holds Redis, as a busy or stalled server would, for ARGV[1] microseconds.
+_HOLD = """
+local t = redis.call('TIME')
+local stop = t[1] * 1000000 + t[2] + tonumber(ARGV[1])
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop
+return 1
+"""
+
+
+async def hold_redis(client: redis.Redis, microseconds: int) -> asyncio.Future[Any]:
+    """Redis held for that long, from 0.1 s before this returns; done once released."""
+    hold = asyncio.ensure_future(client.eval(_HOLD, 0, microseconds))
+    await asyncio.sleep(0.1)
+    return hold
+
+
 def load_test_config(upstream_url: str, admin_url: str | None = None, extra: str = "") -> Config:
     """The shipped gateway.toml, pointed at test upstreams, plus any extra TOML."""
     text = (ROOT / "gateway.toml").read_text() + "\n" + extra

@@ -17,23 +17,17 @@ from prometheus_client import REGISTRY
 from config import Config, parse_config
 from gateway import keys
 from gateway.periods import calendar_month
-from tests.conftest import ROOT, Clock, GatewayServer, auth, load_test_config, replace_section
+from tests.conftest import (
+    ROOT,
+    Clock,
+    GatewayServer,
+    auth,
+    hold_redis,
+    load_test_config,
+    replace_section,
+)
 
 DAY = 86400
-# Holds Redis, as a busy or stalled server would, for ARGV[1] microseconds.
-_HOLD = """
-local t = redis.call('TIME')
-local stop = t[1] * 1000000 + t[2] + tonumber(ARGV[1])
-repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop
-return 1
-"""
-
-
-async def _held(client: redis.Redis, microseconds: int) -> asyncio.Future[Any]:
-    """Redis held for that long, from 0.1 s before this returns; done once released."""
-    hold = asyncio.ensure_future(client.eval(_HOLD, 0, microseconds))
-    await asyncio.sleep(0.1)
-    return hold
 
 
 @pytest.fixture
@@ -110,7 +104,7 @@ async def test_a_known_request_waits_for_its_charge_with_no_task(
     status, _, first = await _get(gateway, "/signals", token)
     assert status == 200  # target and token now known
 
-    hold = await _held(redis_client, 400_000)
+    hold = await hold_redis(redis_client, 400_000)
     pending = asyncio.ensure_future(_get(gateway, "/signals", token))
     await _taken(gateway)
     status, body, headers = await asyncio.wait_for(pending, 5)
@@ -132,7 +126,7 @@ async def test_a_refusal_on_the_fast_path_is_the_slow_paths(
         keys.usage_key(account), mapping={"period_start": month_start, "used": 100, "overage": 0}
     )
     slow = await _get(gateway, "/signals", token)  # the token verified: handle()
-    hold = await _held(redis_client, 300_000)
+    hold = await hold_redis(redis_client, 300_000)
     pending = asyncio.ensure_future(_get(gateway, "/signals", token))
     await _taken(gateway)  # known: admit()
     fast = await pending
@@ -154,7 +148,7 @@ async def test_a_charge_that_times_out_on_the_fast_path_is_a_503_and_given_back_
     assert (await _get(gateway, "/export/pdf", token))[0] == 200
     refunded = _abandoned("refunded")
 
-    hold = await _held(redis_client, 600_000)
+    hold = await hold_redis(redis_client, 600_000)
     pending = asyncio.ensure_future(_get(gateway, "/export/pdf", token))
     await _taken(gateway)
     status, body, headers = await pending
@@ -184,7 +178,7 @@ async def test_a_request_deferred_past_the_shutdown_deadline_is_never_served_nor
     assert (await _get(gateway, "/export/pdf", token))[0] == 200
     refunded = _abandoned("refunded")
 
-    hold = await _held(redis_client, 900_000)
+    hold = await hold_redis(redis_client, 900_000)
     pending = asyncio.ensure_future(_get(gateway, "/export/pdf", token))
     await _taken(gateway)
     await gateway.front.shutdown(timeout=0.2)  # long before Redis answers

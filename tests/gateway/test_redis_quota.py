@@ -29,7 +29,7 @@ from gateway.redis_client import create_redis
 from gateway.redis_pipe import Script
 from gateway.redis_quota import RedisQuotaStore
 from gateway.resp import bulk
-from tests.conftest import TEST_DB, Clock, load_test_config, replace_section
+from tests.conftest import TEST_DB, Clock, hold_redis, load_test_config, replace_section
 
 StoreFactory = Callable[..., RedisQuotaStore]
 
@@ -77,21 +77,6 @@ async def make_store(
 
 # Holds Redis for ARGV[1] microseconds: no other client is served meanwhile, as when a slow
 # command or a stalled disk holds a real one.
-_HOLD = """
-local t = redis.call('TIME')
-local stop = t[1] * 1000000 + t[2] + tonumber(ARGV[1])
-repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop
-return 1
-"""
-
-
-async def _held(client: redis.Redis, microseconds: int) -> asyncio.Future[Any]:
-    """Redis held for that long, from 0.1 s before this returns; done once released."""
-    hold = asyncio.ensure_future(client.eval(_HOLD, 0, microseconds))
-    await asyncio.sleep(0.1)
-    return hold
-
-
 async def _closed(store: RedisQuotaStore) -> None:
     """The store closed: every reply in, late ones too, and the refunds they owe."""
     async with asyncio.timeout(5):
@@ -245,7 +230,7 @@ async def test_a_charge_redis_answers_after_its_timeout_is_refunded(
     account = "acct-late"
     assert (await store.charge(account, "/signals", 1)).used == 1  # connected, scripts loaded
     refunded = _abandoned("refunded")
-    hold = await _held(redis_client, 700_000)
+    hold = await hold_redis(redis_client, 700_000)
     with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
         await store.charge(account, "/signals", 1)  # the request gets its 503 ...
     await hold  # ... yet Redis charges it once released
@@ -280,7 +265,7 @@ async def test_a_charge_whose_caller_goes_away_while_redis_runs_it_is_refunded(
     account = "acct-gone-in-flight"
     assert (await store.charge(account, "/signals", 1)).used == 1  # connected
     refunded = _abandoned("refunded")
-    hold = await _held(redis_client, 300_000)
+    hold = await hold_redis(redis_client, 300_000)
     gone = asyncio.ensure_future(store.charge(account, "/signals", 2))
     await asyncio.sleep(0.05)  # sent, not yet run
     gone.cancel()  # as a shutdown cancels its handler
@@ -300,7 +285,7 @@ async def test_through_redis_py_a_hung_call_frees_its_slot_at_the_timeout(
     account = "acct-slot"
     assert (await store.charge(account, "/signals", 1)).used == 1  # connected
     refunded = _abandoned("refunded")
-    hold = await _held(redis_client, 900_000)
+    hold = await hold_redis(redis_client, 900_000)
     with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
         await store.charge(account, "/signals", 1)  # holds the only slot, its 503 at 0.2 s
     with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
@@ -329,7 +314,7 @@ async def test_through_redis_py_a_connection_lost_while_its_caller_waits_is_unkn
     try:
         assert (await store.charge("acct-cut", "/signals", 1)).used == 1  # connected
         unknown = _abandoned("unknown")
-        hold = await _held(redis_client, 900_000)
+        hold = await hold_redis(redis_client, 900_000)
         with pytest.raises(QuotaStoreUnavailable, match="ended before the reply"):
             await store.charge("acct-cut", "/signals", 1)  # the read gives up at 0.3 s
         assert _abandoned("unknown") == unknown + 1
@@ -346,7 +331,7 @@ async def test_through_redis_py_the_timeout_counts_the_wait_for_a_slot(
     store = make_store(timeout=0.4)
     account = "acct-queued"
     assert (await store.charge(account, "/signals", 1)).used == 1  # connected
-    hold = await _held(redis_client, 1_200_000)
+    hold = await hold_redis(redis_client, 1_200_000)
     first = asyncio.ensure_future(store.charge(account, "/signals", 1))
     await asyncio.sleep(0.1)  # the first batch holds the only slot
     started = time.monotonic()
@@ -403,7 +388,7 @@ async def test_a_charge_through_redis_py_never_answered_is_counted_and_logged_wi
     try:
         assert (await store.charge(account, "/signals", 1)).used == 1  # connected
         unknown = _abandoned("unknown")
-        hold = await _held(redis_client, 900_000)
+        hold = await hold_redis(redis_client, 900_000)
         with pytest.raises(QuotaStoreUnavailable, match="TimeoutError"):
             await store.charge(account, "/signals", 2)  # the 503 comes at 0.2 s ...
         await _closed(store)  # ... and the client gives up reading at 0.5 s
@@ -427,7 +412,7 @@ async def test_a_denied_charge_answered_late_is_not_refunded(
     )
     assert not (await store.charge(account, "/signals", 1)).allowed  # connected
     not_charged = _abandoned("not_charged")
-    hold = await _held(redis_client, 700_000)
+    hold = await hold_redis(redis_client, 700_000)
     with pytest.raises(QuotaStoreUnavailable):
         await store.charge(account, "/signals", 1)
     await hold
@@ -446,7 +431,7 @@ async def test_closing_waits_for_a_late_reply_and_its_refund(
     account = "acct-closing"
     await store.charge(account, "/signals", 1)
     refunded = _abandoned("refunded")
-    hold = await _held(redis_client, 700_000)
+    hold = await hold_redis(redis_client, 700_000)
     pending = asyncio.ensure_future(store.charge(account, "/signals", 1))
     await asyncio.sleep(0)  # queued
     await _closed(store)
