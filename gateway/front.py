@@ -1009,9 +1009,13 @@ class FrontServer:
         while (self.connections or self.tasks or self.deferred) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         # Requests still deferred never start: whoever took them (the proxy's charges) sees
-        # them abandoned, as a task's awaited future would be cancelled.
+        # them abandoned, as a task's awaited future would be cancelled. Each still gets its
+        # access-log line (status 0, as a cancelled task's unanswered request).
+        now = time.perf_counter()
         for request in self.deferred:
             request.abandoned = True
+            if self.access_log:
+                _log_access(request, now - request.received)
         self.deferred.clear()
         for conn in list(self.connections):
             conn.abort()

@@ -8,7 +8,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import socket
 import struct
 import time
@@ -162,9 +164,14 @@ async def serve() -> AsyncIterator[Serve]:
         *,
         keepalive_timeout: float = 75.0,
         admit: Admit | None = None,
+        access_log: bool = False,
     ) -> Front:
         front = FrontServer(
-            handler, limits or Limits(), keepalive_timeout=keepalive_timeout, admit=admit
+            handler,
+            limits or Limits(),
+            keepalive_timeout=keepalive_timeout,
+            admit=admit,
+            access_log=access_log,
         )
         fronts.append(front)
         listening = await front.listen("127.0.0.1", 0)
@@ -883,6 +890,21 @@ async def test_shutdown_waits_for_a_deferred_request_then_abandons_it(serve: Ser
     request.proceed(work())  # as a charge decided late would: never started
     await asyncio.sleep(0.05)
     assert not started.is_set() and not front.server.tasks
+
+
+async def test_a_deferred_request_a_shutdown_abandons_has_its_access_log_line(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="metergate.access")
+    taker = Taker()
+    front = await serve(Recorder(), admit=taker, access_log=True)
+    async with _connect(front.port) as (_, writer):
+        await _send(writer, _request("GET", "/deferred?q=1"))
+        await taker.next()
+        await front.server.shutdown(0.1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "metergate.access"]
+    assert len(lines) == 1
+    assert re.fullmatch(r'127\.0\.0\.1 "GET /deferred\?q=1 HTTP/1\.1" 0 0 0\.\d+', lines[0])
 
 
 async def test_shutdown_lets_a_deferred_request_that_proceeds_in_time_finish(
