@@ -189,7 +189,7 @@ class _Bench:
         write_plans(self.redis, accounts)
         tokens = [issue_token(self.env.secret, a, ttl=3600) for a in accounts]
         script = self.env.work_dir / f"{system.name}.lua"
-        wrk.write_script(script, BENCH_PATHS, tokens)
+        wrk.write_script(script, BENCH_PATHS, tokens, close=self.args.new_connections)
         child, port = systems.start(system, self.env)
         if child is not None and self.args.pin:
             cpus = {0} if system.workers == 1 else set(range(os.cpu_count() or 1))
@@ -486,6 +486,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
+    p.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="each request on a new connection (Connection: close): what accepting costs, "
+        "as for clients without keep-alive",
+    )
     p.add_argument("--accounts", type=int, default=8, help="accounts the load rotates over")
     p.add_argument(
         "--systems",

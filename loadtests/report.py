@@ -253,7 +253,8 @@ def render(
         "",
         f"{machine['cpu_model']}, {machine['nproc']} CPUs, Linux {machine['kernel']}, "
         f"Python {machine['python']}; wrk -t{settings['threads']} -c{settings['connections']}, "
-        f"{settings['duration']:g} s after a {settings['warmup']:g} s warm-up, "
+        + ("each request on a new connection, " if settings.get("new_connections") else "")
+        + f"{settings['duration']:g} s after a {settings['warmup']:g} s warm-up, "
         f"{settings['accounts']} accounts x 4 priced routes; commit {machine['commit']}; "
         f"metergate's hot path: {machine.get('hot_path', 'not recorded')}.",
         f"Each figure is the median of {settings.get('rounds', 1)} rounds through all systems "

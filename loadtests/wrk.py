@@ -32,7 +32,8 @@ end
 function init(args)
   -- Formatted here, not at load: wrk sets the Host header just before init().
   for i, spec in ipairs(specs) do
-    requests[i] = wrk.format("GET", spec[1], {["Authorization"] = "Bearer " .. spec[2]})
+    local headers = {["Authorization"] = "Bearer " .. spec[2]}
+%(close)s    requests[i] = wrk.format("GET", spec[1], headers)
   end
   counter = offset or 0
 end
@@ -74,13 +75,17 @@ def find_wrk() -> str | None:
     return shutil.which("wrk")
 
 
-def write_script(script: Path, paths: Sequence[str], tokens: Sequence[str]) -> None:
-    """Every (path, token) pair once, interleaved so consecutive requests differ in both."""
+def write_script(
+    script: Path, paths: Sequence[str], tokens: Sequence[str], *, close: bool = False
+) -> None:
+    """Every (path, token) pair once, interleaved so consecutive requests differ in both;
+    with ``close``, each asks for its connection to close (wrk then opens a new one)."""
     lines = []
     for i in range(len(paths) * len(tokens)):
         target, token = paths[i % len(paths)], tokens[(i // len(paths)) % len(tokens)]
         lines.append(f'  {{"{target}", "{token}"}},')
-    script.write_text(_SCRIPT % {"requests": "\n".join(lines)})
+    close_line = '    headers["Connection"] = "close"\n' if close else ""
+    script.write_text(_SCRIPT % {"requests": "\n".join(lines), "close": close_line})
 
 
 def run(

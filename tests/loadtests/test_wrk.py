@@ -1,0 +1,77 @@
+"""loadtests.wrk: the script wrk runs sends what the benchmark says it sends."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loadtests import wrk
+
+needs_wrk = pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="needs wrk (apt-get install wrk)"
+)
+
+
+class _Counting(asyncio.Protocol):
+    """A minimal HTTP/1.1 server counting connections, requests and their Connection headers."""
+
+    seen: dict[str, int]
+
+    # A stream server's transports are Transports (uvloop's do not subclass asyncio's).
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport, self.buffer = transport, b""
+        self.seen["connections"] += 1
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+            self.seen["requests"] += 1
+            close = b"\r\nconnection: close" in head.lower()
+            self.seen["close"] += close
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                + (b"Connection: close\r\n" if close else b"")
+                + b"\r\n{}"
+            )
+            if close:
+                self.transport.close()
+                return
+
+
+async def _drive(tmp_path: Path, *, close: bool) -> dict[str, int]:
+    seen = {"connections": 0, "requests": 0, "close": 0}
+    protocol = type("Counting", (_Counting,), {"seen": seen})
+    server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    script = tmp_path / "load.lua"
+    wrk.write_script(script, ["/a", "/b"], ["t1", "t2"], close=close)
+    wrk_bin = shutil.which("wrk")
+    assert wrk_bin is not None
+    async with server:
+        result = await asyncio.to_thread(
+            wrk.run, wrk_bin, f"http://127.0.0.1:{port}", script,
+            seconds=1, connections=2, threads=1,
+        )  # fmt: skip
+    assert result.requests > 0 and not any(result.errors.values())
+    return seen
+
+
+@needs_wrk
+async def test_with_close_every_request_comes_on_a_new_connection(tmp_path: Path) -> None:
+    seen = await _drive(tmp_path, close=True)
+    assert seen["requests"] > 10
+    assert seen["close"] == seen["requests"]
+    # wrk may open one connection more than it completes a request on as it stops.
+    assert seen["requests"] <= seen["connections"] <= seen["requests"] + 2
+
+
+@needs_wrk
+async def test_by_default_connections_are_kept_alive(tmp_path: Path) -> None:
+    seen = await _drive(tmp_path, close=False)
+    assert seen["close"] == 0
+    # Two connections, and maybe one more wrk opens as it starts.
+    assert seen["connections"] <= 3 and seen["requests"] > 10 * seen["connections"]
