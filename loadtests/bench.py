@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ]
 
     machine = _machine(wrk_bin)
-    targets = evaluate_targets(results, args.connections)
+    targets = [] if args.new_connections else evaluate_targets(results, args.connections)
     scaling = scaling_rows(results)
     print(render(results, targets, scaling, machine, vars(args)))
     out = Path(args.json_out)

@@ -110,6 +110,15 @@ def test_the_table_shows_the_spread_and_how_many_rounds() -> None:
     assert "| 40.0 | 38.0-52.0 |" in text
 
 
+def test_a_run_with_a_connection_per_request_checks_no_target() -> None:
+    results = [_result(rps=1000.0)]
+    targets = evaluate_targets(results, 64)
+    assert targets  # as a keep-alive run would check them
+    text = render(results, targets, [], _MACHINE, {**_SETTINGS, "new_connections": True})
+    assert "each request on a new connection" in text
+    assert "Not checked" in text and "**" not in text.split("### Targets")[1]
+
+
 def test_the_scaling_curve_leaves_out_redis_over_tls() -> None:
     results = [
         _result(rps=1000.0),
