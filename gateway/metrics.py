@@ -21,11 +21,13 @@ import bisect
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -73,6 +75,33 @@ ABANDONED = Counter(
 FAIL_OPEN = Counter(
     "metergate_failopen_units_total", "Units let through unmetered while Redis was down.", ["route"]
 )
+OPEN_CONNECTIONS = Gauge(
+    "metergate_open_connections",
+    "Client connections this gateway worker holds open, sampled every second and at each "
+    "scrape; one series per worker (pid) when there are several.",
+    multiprocess_mode="liveall",
+)
+# How often a worker writes its open connections (server.serve samples them).
+CONNECTIONS_SAMPLE_SECONDS = 1.0
+# What counts this process's open connections (set by server.serve), if anything does.
+_count_connections: Callable[[], int] | None = None
+
+
+def count_connections(count: Callable[[], int] | None) -> None:
+    """Have OPEN_CONNECTIONS read from ``count`` (None: from nothing, as a stopped server)."""
+    global _count_connections
+    _count_connections = count
+    if count is None:
+        OPEN_CONNECTIONS.set(0)
+    sample_connections()
+
+
+def sample_connections() -> None:
+    count = _count_connections
+    if count is not None:
+        OPEN_CONNECTIONS.set(count())
+
+
 BATCH = Histogram(
     "metergate_charge_batch_size",
     "Charges sent to Redis in one pipelined write.",
@@ -136,6 +165,7 @@ class BatchSizes:
 
 def render() -> tuple[bytes, str]:
     flush()
+    sample_connections()  # the scraping worker's own, exact; the others' a second old at most
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from config.model import Limits
+from gateway import metrics
 from gateway.balance import Balancer, Receiver
 from gateway.front import Admit, FrontServer, Handler
 
@@ -127,6 +128,8 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     stops: list[Callable[[], Awaitable[None]]] = []
     receivers: list[Receiver] = []
+    fronts: list[FrontServer] = []
+    sampler: asyncio.Task[None] | None = None
     try:
         for site in sites:
             runner = web.AppRunner(
@@ -144,6 +147,7 @@ async def serve(
                         access_log=site.access_log,
                     )
                     stops.append(functools.partial(front.shutdown, shutdown_timeout))
+                    fronts.append(front)
                     if site.channel is not None:
                         # The balancer gone, nothing more comes: this worker stops too.
                         receiver = Receiver(front, site.channel, on_closed=stop.set)
@@ -158,6 +162,9 @@ async def serve(
                     await tcp.start()
             except OSError as exc:
                 raise ListenError(site.host, site.port, exc) from None
+        if fronts:
+            metrics.count_connections(lambda: sum(len(f.connections) for f in fronts))
+            sampler = asyncio.create_task(_sample_connections())
         _settle_gc()
         for receiver in receivers:  # every site is up: connections may come
             receiver.ready()
@@ -165,10 +172,21 @@ async def serve(
             started()
         await stop.wait()
     finally:
+        if sampler is not None:
+            sampler.cancel()
+            metrics.count_connections(None)
         for stop_site in reversed(stops):
             await stop_site()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _sample_connections() -> None:
+    # Written every second, not as connections come and go: a write to the shared
+    # metrics file per connection would cost more than the figure is worth.
+    while True:
+        await asyncio.sleep(metrics.CONNECTIONS_SAMPLE_SECONDS)
+        metrics.sample_connections()
 
 
 def _closing(receiver: Receiver) -> Callable[[], Awaitable[None]]:

@@ -19,7 +19,7 @@ import redis.asyncio as redis
 
 from gateway import compiled
 from gateway.embedded_redis import EmbeddedRedis
-from gateway.metrics import FLUSH_SECONDS
+from gateway.metrics import CONNECTIONS_SAMPLE_SECONDS, FLUSH_SECONDS
 from tests.conftest import ROOT, SECRET, TEST_DB, auth, echo
 
 METERGATE = str(Path(sys.executable).with_name("metergate"))
@@ -266,6 +266,19 @@ async def test_exact_balance_gives_each_worker_as_many_connections(
         first = await asyncio.to_thread(connect, 8)
         split = await asyncio.to_thread(by_worker, first)
         assert sorted(len(held) for held in split.values()) == [4, 4]
+        # /metrics shows it too: each worker's open connections, as of its last sample
+        # (every second), the scraping worker's own (holding the scrape's too) as it answers.
+        await asyncio.sleep(CONNECTIONS_SAMPLE_SECONDS + 0.3)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                text = await resp.text()
+        held = {
+            int(pid): float(value)
+            for pid, value in re.findall(r'metergate_open_connections\{pid="(\d+)"\} (\S+)', text)
+        }
+        # (Among the starting process's children are its workers; it may have a helper too.)
+        assert len(held) == 2 and set(held) <= set(workers()), held
+        assert sorted(held.values()) == [4.0, 5.0], held
         # Three of one worker's connections end: the next three go to it.
         busy, other = split
         for client in split[busy][:3]:

@@ -236,3 +236,14 @@ async def test_a_failed_metrics_write_writes_nothing_twice_and_is_tried_again(
     assert (count("200"), count("500")) == (1.0, 0.0)
     await asyncio.sleep(1.1)  # tried again a second later, without another request
     assert (count("200"), count("500")) == (1.0, 1.0)
+
+
+def test_open_connections_are_counted_at_each_scrape_and_zero_once_stopped() -> None:
+    open_now = 3
+    metrics.count_connections(lambda: open_now)
+    try:
+        open_now = 7  # a scrape reads the count then, not the last sample's
+        assert b"\nmetergate_open_connections 7.0\n" in metrics.render()[0]
+    finally:
+        metrics.count_connections(None)
+    assert b"\nmetergate_open_connections 0.0\n" in metrics.render()[0]
