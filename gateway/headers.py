@@ -112,8 +112,9 @@ def upstream_request_head(
     drop = _REQUEST_DROP_B if keep_authorization else _REQUEST_DROP_NO_AUTH
     out, forwarded_for, via, connection = _request_lines(headers, drop)
     if connection:
-        # Rare: the client named more headers to drop in Connection; filter once more.
-        out, forwarded_for, via, _ = _request_lines(headers, drop | _connection_tokens(headers))
+        named = _named_by_connection(headers, drop)
+        if named:  # rare: the client named more of its fields to drop; filter once more
+            out, forwarded_for, via, _ = _request_lines(headers, drop | named)
     if client_ip:
         if forwarded_for is None:
             out.append(b"X-Forwarded-For: %s\r\n" % client_ip)
@@ -167,8 +168,9 @@ def client_response_head(
         drop = _response_drops[replace] = _RESPONSE_DROP | replace
     out, via, dated, connection = _response_lines(headers, drop)
     if connection:
-        # Rare: the backend named headers to drop in Connection; filter once more.
-        out, via, dated, _ = _response_lines(headers, drop | _connection_tokens(headers))
+        named = _named_by_connection(headers, drop)
+        if named:  # rare: the backend named more of its fields to drop; filter once more
+            out, via, dated, _ = _response_lines(headers, drop | named)
     out.append(_VIA_LINE if via is None else b"Via: %s\r\n" % _append(via, _VIA))
     if not dated:
         out.append(b"Date: %s\r\n" % http_date().encode())
@@ -197,12 +199,24 @@ def _response_lines(
     return out, via, dated, connection
 
 
-def _connection_tokens(headers: RawHeaders) -> frozenset[bytes]:
+def _named_by_connection(headers: RawHeaders, drop: frozenset[bytes]) -> set[bytes]:
+    """The (lower-case) names of fields in ``headers`` that Connection lists and ``drop``
+    does not hold: usually none, as for the common `close` and `keep-alive`, whose block
+    then needs no second pass (many clients and servers send one on every message)."""
     tokens: set[bytes] = set()
     for name, value in headers:
         if len(name) == 10 and name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(tokens)
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token and token not in drop:
+                    tokens.add(token)
+    named: set[bytes] = set()
+    if tokens:
+        for name, _ in headers:
+            lower = name.lower()
+            if lower in tokens:
+                named.add(lower)
+    return named
 
 
 def _append(prior: list[bytes], value: bytes) -> bytes:

@@ -60,6 +60,36 @@ def test_headers_named_in_connection_are_dropped_wherever_they_come() -> None:
     assert back.startswith(b"Accept: */*\r\nVia: 1.0 origin, 1.1 metergate\r\nDate: ")
 
 
+@pytest.mark.parametrize("value", [b"close", b"keep-alive", b"Keep-Alive, close", b" close ,"])
+def test_the_usual_connection_options_leave_the_other_fields_as_they_are(value: bytes) -> None:
+    # What most clients and servers send on every message: nothing more to drop (one pass),
+    # unless a field bears an option's name (the reserved Close), which then goes too.
+    rest = [(b"Accept", b"*/*"), (b"X-Trace", b"7"), (b"Keep-Alive", b"timeout=5")]
+    with_it = [(b"Connection", value), *rest]
+
+    def upstream(fields: list[tuple[bytes, bytes]]) -> bytes:
+        return hdr.upstream_request_head(
+            fields, keep_authorization=False, client_ip=None, scheme="http", host=None
+        )
+
+    def back(fields: list[tuple[bytes, bytes]]) -> bytes:
+        return b"".join(
+            line
+            for line in hdr.client_response_head(fields).splitlines(True)
+            if not line.startswith(b"Date: ")
+        )
+
+    assert (
+        upstream(with_it)
+        == upstream(rest)
+        == b"Accept: */*\r\nX-Trace: 7\r\n" + (b"X-Forwarded-Proto: http\r\nVia: 1.1 metergate\r\n")
+    )
+    assert back(with_it) == back(rest) == b"Accept: */*\r\nX-Trace: 7\r\nVia: 1.1 metergate\r\n"
+    if b"close" in value:
+        assert b"Close" not in upstream([*with_it, (b"Close", b"1")])
+        assert b"Close" not in back([*with_it, (b"Close", b"1")])
+
+
 def test_the_response_block_drops_framing_and_hop_by_hop_and_adds_via_and_date() -> None:
     block = hdr.client_response_head(
         [
