@@ -53,14 +53,18 @@ def services(
 
 
 @contextlib.contextmanager
-def stage(work: Path, accounts: int = 8) -> Iterator[tuple[systems.Environment, Path]]:
-    """services(), with plans for ``accounts`` accounts and the wrk script that loads them."""
+def stage(
+    work: Path, accounts: int = 8, *, close: bool = False
+) -> Iterator[tuple[systems.Environment, Path]]:
+    """services(), with plans for ``accounts`` accounts and the wrk script that loads them
+    (``close``: a connection per request)."""
     with services(work) as (env, _):
         names = [f"load-{i}" for i in range(accounts)]
         with redis.Redis.from_url(env.redis_url) as client:
             write_plans(client, names)
         script = work / "load.lua"
-        wrk.write_script(script, BENCH_PATHS, [issue_token(env.secret, a, ttl=3600) for a in names])
+        tokens = [issue_token(env.secret, a, ttl=3600) for a in names]
+        wrk.write_script(script, BENCH_PATHS, tokens, close=close)
         yield env, script
 
 

@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         "--systems", default="metergate-off,metergate-1w", help="metergate-off, metergate-1w"
     )
     parser.add_argument("--keep", default="", help="a directory to copy callgrind's files to")
+    parser.add_argument(
+        "--new-connections",
+        action="store_true",
+        help="each request on a new connection (Connection: close), as bench's option",
+    )
     args = parser.parse_args(argv)
     wrk_bin = wrk.find_wrk()
     tools = [shutil.which(t) for t in ("valgrind", "callgrind_control")]
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="metergate-instructions-") as tmp:
         work = Path(tmp)
-        with harness.stage(work) as (env, script):
+        with harness.stage(work, close=args.new_connections) as (env, script):
             for name in names:
                 out = work / f"{name}.callgrind"
                 wrapper = (
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                     for path in work.glob(f"{out.name}.*"):
                         shutil.copy(path, Path(args.keep) / path.name)
                 rows.append((name, result.requests, counted / max(result.requests, 1)))
-    print(f"wrk: {args.connections} connections, {args.seconds:g} s counted")
+    each = ", a connection per request" if args.new_connections else ""
+    print(f"wrk: {args.connections} connections{each}, {args.seconds:g} s counted")
     print("| system | requests | instructions/request |\n|---|---:|---:|")
     for name, requests, per_request in rows:
         print(f"| {name} | {requests:,} | {per_request:,.0f} |")
