@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -506,6 +507,30 @@ async def test_a_target_over_max_line_bytes_is_414(length: int, status: int, ser
 # -- what ends a connection ---------------------------------------------------------------
 
 SMUGGLED = _request("GET", "/smuggled")
+
+
+async def test_a_closed_connection_is_freed_without_the_cyclic_collector(serve: Serve) -> None:
+    # Each connection left as a reference cycle costs a collection's work under load.
+    front = await serve(Recorder())
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds goes to gc.garbage
+    try:
+        for ending in ("Connection: close", "Connection: keep-alive"):
+            async with _connect(front.port) as (reader, writer):
+                # Two requests at once: the second is queued when the first's answer
+                # closes the connection (or, kept alive, when the client hangs up).
+                await _send(writer, _request(headers=[ending]) + _request(headers=[ending]))
+                assert (await _read_answer(reader)).status == 200
+        await asyncio.sleep(0.05)
+        assert not front.server.connections
+        gc.collect()
+        left = [type(o).__qualname__ for o in gc.garbage if type(o).__module__ == "gateway.front"]
+        assert left == []
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 UPGRADES = [
