@@ -24,6 +24,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import os
 import selectors
 import socket
 import struct
@@ -254,7 +255,15 @@ class Receiver:
                 self._closed()
                 return
             if flags & socket.MSG_CTRUNC:
+                # The kernel dropped descriptors that did not fit or could not be
+                # installed (this worker out of them, say): the message is not a whole
+                # hand-off. Close what came, and count its connection as ended, or the
+                # balancer, which counted it handed, holds it against this worker forever.
                 log.error("a handed-over connection was cut off in transit")
+                for fd in fds:
+                    os.close(fd)
+                self._release()
+                continue
             for fd in fds:
                 task = self._loop.create_task(self._adopt(socket.socket(fileno=fd)))
                 self._adopting.add(task)
