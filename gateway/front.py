@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, Final, cast
 
 import httptools
 from multidict import CIMultiDict
@@ -89,7 +89,7 @@ class _HeadError(Exception):
 
 
 # What a lost connection keeps as its parser: one that calls nothing back.
-_SPENT_PARSER = httptools.HttpRequestParser(object())
+_SPENT_PARSER: Final = httptools.HttpRequestParser(object())
 
 
 class Request:
@@ -448,11 +448,13 @@ class _Connection(asyncio.Protocol):
         self._out = None
         # The parser holds this connection's methods, and its requests point back at it:
         # cycles that only the cyclic collector frees, one per connection, at about
-        # 15,000 instructions a connection under load (loadtests.instructions
-        # --new-connections). Nothing is parsed after this, nor a queued request started.
+        # 8,000 instructions a request under a connection per request
+        # (loadtests.instructions --new-connections). Nothing is parsed after this, nor a
+        # queued request started, nor a pending error sent.
         self._parser = _SPENT_PARSER
         self._last = None
         self._queue.clear()
+        self._pending_error = None  # its traceback holds this connection's frames
         self._server.connections.discard(self)
         release = self._server.on_release
         if release is not None:
@@ -460,6 +462,7 @@ class _Connection(asyncio.Protocol):
         for request in (self._active, self.parsing):
             if request is not None:
                 request._wake()
+        self.parsing = None  # its reader sees the connection lost (Request.readany)
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_exception(ClientGone("the client closed the connection"))
