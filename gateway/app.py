@@ -68,6 +68,7 @@ def gateway_sites(
                 reuse_port=reuse_port,
                 handler=lambda _: metrics_handler(app),
                 limits=config.limits,
+                counted=False,
             )
         )
     return sites

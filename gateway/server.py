@@ -103,6 +103,9 @@ class Site:
     access_log: bool = False
     # Connections handed over by a Balancer on this channel, instead of listening.
     channel: socket.socket | None = None
+    # Its connections count in metergate_open_connections (not a metrics listener's
+    # scrapes: the gauge says how the clients' connections are shared).
+    counted: bool = True
 
 
 def run(main: Awaitable[None]) -> None:
@@ -147,7 +150,8 @@ async def serve(
                         access_log=site.access_log,
                     )
                     stops.append(functools.partial(front.shutdown, shutdown_timeout))
-                    fronts.append(front)
+                    if site.counted:
+                        fronts.append(front)
                     if site.channel is not None:
                         # The balancer gone, nothing more comes: this worker stops too.
                         receiver = Receiver(front, site.channel, on_closed=stop.set)
@@ -172,11 +176,13 @@ async def serve(
             started()
         await stop.wait()
     finally:
+        for stop_site in reversed(stops):
+            await stop_site()  # a draining worker's gauge still counts what it holds
         if sampler is not None:
             sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
             metrics.count_connections(None)
-        for stop_site in reversed(stops):
-            await stop_site()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 

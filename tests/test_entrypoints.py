@@ -358,11 +358,15 @@ async def test_gateway_serves_metrics_on_a_listener_of_its_own(
         async with aiohttp.ClientSession() as session:
             async with session.get(public + "/signals", headers=auth("acct-scrape")) as resp:
                 assert resp.status == 200
-            await asyncio.sleep(FLUSH_SECONDS + 0.2)  # written, by whichever worker served it
+            # Written by whichever worker served it; and each worker's connections sampled.
+            await asyncio.sleep(max(FLUSH_SECONDS, CONNECTIONS_SAMPLE_SECONDS) + 0.2)
             async with session.get(internal + "/metrics") as resp:
                 assert resp.status == 200
                 text = await resp.text()
             assert 'metergate_requests_total{route="/signals",status="200"}' in text
+            # The session's one connection to the public port; its scrapes are not counted.
+            held = re.findall(r'metergate_open_connections\{pid="\d+"\} (\S+)', text)
+            assert sorted(float(v) for v in held) == [0.0, 1.0], text
             async with session.get(internal + "/readyz") as resp:
                 assert resp.status == 200
             # The public port no longer answers it: it is routed like any other path.
