@@ -384,6 +384,7 @@ async def test_a_connection_a_worker_out_of_fds_cannot_take_is_counted_as_ended(
                 await asyncio.sleep(0.005)
         # Counted as ended, as the balancer counted it handed: else it would count one
         # connection held by this worker forever.
+        assert note, "the worker sent no note"
         assert _NOTE.unpack(note) == (1,)
         assert "a handed-over connection was cut off in transit" in caplog.text
         assert not front.connections
