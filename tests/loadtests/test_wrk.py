@@ -16,13 +16,14 @@ needs_wrk = pytest.mark.skipif(
 
 
 class _Counting(asyncio.Protocol):
-    """A minimal HTTP/1.1 server counting connections, requests and their Connection headers."""
+    """A minimal HTTP/1.1 server counting connections, requests, their Connection headers,
+    and requests that came on a connection which had already carried one."""
 
     seen: dict[str, int]
 
     # A stream server's transports are Transports (uvloop's do not subclass asyncio's).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.transport, self.buffer = transport, b""
+        self.transport, self.buffer, self.carried = transport, b"", 0
         self.seen["connections"] += 1
 
     def data_received(self, data: bytes) -> None:
@@ -30,6 +31,8 @@ class _Counting(asyncio.Protocol):
         while b"\r\n\r\n" in self.buffer:
             head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
             self.seen["requests"] += 1
+            self.seen["reused"] += self.carried > 0
+            self.carried += 1
             close = b"\r\nconnection: close" in head.lower()
             self.seen["close"] += close
             self.transport.write(
@@ -43,7 +46,7 @@ class _Counting(asyncio.Protocol):
 
 
 async def _drive(tmp_path: Path, *, close: bool) -> dict[str, int]:
-    seen = {"connections": 0, "requests": 0, "close": 0}
+    seen = {"connections": 0, "requests": 0, "close": 0, "reused": 0}
     protocol = type("Counting", (_Counting,), {"seen": seen})
     server = await asyncio.get_running_loop().create_server(protocol, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -65,13 +68,14 @@ async def test_with_close_every_request_comes_on_a_new_connection(tmp_path: Path
     seen = await _drive(tmp_path, close=True)
     assert seen["requests"] > 10
     assert seen["close"] == seen["requests"]
-    # wrk may open one connection more than it completes a request on as it stops.
-    assert seen["requests"] <= seen["connections"] <= seen["requests"] + 2
+    # No connection carried a second request. (How many connections wrk opened without
+    # sending on them as it stopped varies, so the counts are not compared.)
+    assert seen["reused"] == 0
 
 
 @needs_wrk
 async def test_by_default_connections_are_kept_alive(tmp_path: Path) -> None:
     seen = await _drive(tmp_path, close=False)
     assert seen["close"] == 0
-    # Two connections, and maybe one more wrk opens as it starts.
-    assert seen["connections"] <= 3 and seen["requests"] > 10 * seen["connections"]
+    # Connections carried many requests each.
+    assert seen["requests"] > 10 * seen["connections"]
