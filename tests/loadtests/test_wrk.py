@@ -68,8 +68,8 @@ async def test_with_close_every_request_comes_on_a_new_connection(tmp_path: Path
     seen = await _drive(tmp_path, close=True)
     assert seen["requests"] > 10
     assert seen["close"] == seen["requests"]
-    # No connection carried a second request. (How many connections wrk opened without
-    # sending on them as it stopped varies, so the counts are not compared.)
+    # No connection carried a second request. (wrk opens some connections it sends
+    # nothing on, three in one CI run, so the two counts are not compared.)
     assert seen["reused"] == 0
 
 
