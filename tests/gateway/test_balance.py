@@ -288,6 +288,14 @@ async def _serving(balancer: Balancer, done: Callable[[], bool]) -> None:
     raise AssertionError(f"not reached; connections {balancer.connections()}")
 
 
+async def _holding(front: FrontServer, count: int) -> None:
+    """Up to 1.5 s for the worker to hold ``count`` connections; the caller asserts."""
+    for _ in range(300):
+        if len(front.connections) == count:
+            return
+        await asyncio.sleep(0.005)
+
+
 async def test_a_note_lost_to_a_full_channel_is_made_good_by_the_next(
     balancer: Balancer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -304,10 +312,7 @@ async def test_a_note_lost_to_a_full_channel_is_made_good_by_the_next(
         # 19 end, each in its own loop pass (a note each), while the balancer reads none.
         for ending, client in enumerate(clients[:19], 1):
             client.close()
-            for _ in range(300):
-                if len(front.connections) == 20 - ending:
-                    break
-                await asyncio.sleep(0.005)
+            await _holding(front, 20 - ending)
             await asyncio.sleep(0)  # the note is sent on the next pass
         balancer.poll(0)
         stale = balancer.connections()[0]
@@ -351,10 +356,7 @@ async def test_a_message_whose_fds_were_cut_off_is_closed_and_counted_as_ended(
         sent, peer = socket.socketpair()
         with sent, peer:
             socket.send_fds(ours, [b"c"], [sent.fileno()])
-            for _ in range(300):
-                if front.connections:
-                    break
-                await asyncio.sleep(0.005)
+            await _holding(front, 1)
             assert len(front.connections) == 1
     finally:
         receiver.close()
